@@ -112,7 +112,11 @@ class SensorGraph:
 
     @classmethod
     def from_edges(
-        cls, nodes: Sequence[str], edges: Iterable[tuple[str, str, float]], *, source: GraphSource = GraphSource.PRIOR
+        cls,
+        nodes: Sequence[str],
+        edges: Iterable[tuple[str, str, float]],
+        *,
+        source: GraphSource = GraphSource.PRIOR,
     ) -> SensorGraph:
         """Build from ``(a, b, weight)`` triples over node names; edges to absent nodes are dropped."""
         index = {name: i for i, name in enumerate(nodes)}

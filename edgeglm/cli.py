@@ -1,0 +1,227 @@
+"""The `edgeglm` command line.
+
+Every subcommand is real; `edgeglm COMMAND --help` says what it does and shows an
+example. Errors of ours print one line and a hint and exit with the error class's
+code; `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from edgeglm import __version__
+from edgeglm.errors import EdgeGLMError
+
+__all__ = ["main"]
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from edgeglm.training import TrainConfig, train_from_source
+
+    cfg = TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        patience=args.patience,
+        seed=args.seed,
+        threads=args.threads,
+    )
+    _, ckpt, metrics = train_from_source(
+        args.data,
+        args.out,
+        model=args.model,
+        graph_mode=args.graph,
+        window=args.window,
+        train_config=cfg,
+        subset=args.subset,
+        progress=not args.quiet,
+    )
+    summary = {k: v for k, v in metrics.items() if k != "history"}
+    print(json.dumps(summary) if args.json else _format_metrics(summary))
+    if ckpt is not None and not args.json:
+        print(f"checkpoint: {ckpt.path}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from edgeglm.checkpoint import load_checkpoint, load_model
+    from edgeglm.data.source import load_source
+    from edgeglm.training import evaluate
+
+    ckpt = load_checkpoint(args.checkpoint)
+    source = args.data or ckpt.source
+    dataset = load_source(source, subset=args.subset)
+    missing = [s for s in ckpt.window_spec.sensor_names if s not in dataset.test.sensor_names]
+    if missing:
+        raise EdgeGLMError(
+            f"data {source!r} lacks sensors {missing} that checkpoint {ckpt.path} was trained on",
+            hint="evaluate on the data source recorded in the checkpoint (omit --data)",
+        )
+    model = load_model(ckpt)
+    test = evaluate(model, ckpt.window_spec.last_windows(dataset.test))
+    out = {
+        "checkpoint": str(ckpt.path),
+        "data": dataset.name,
+        "rmse": test["rmse"],
+        "score": test["score"],
+        "units": test["n"],
+    }
+    print(json.dumps(out) if args.json else _format_metrics(out))
+    return 0
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from edgeglm.data.factory import simulate_line
+
+    ds = simulate_line(seed=args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    ds.train.to_text(args.out / "train_factory.txt")
+    ds.test.to_text(args.out / "test_factory.txt")
+    _, end_rul = ds.test_targets()
+    (args.out / "RUL_factory.txt").write_text("".join(f"{int(r)}\n" for r in end_rul))
+    (args.out / "columns.json").write_text(
+        json.dumps(
+            {
+                "columns": ["unit", "cycle", *ds.train.setting_names, *ds.train.sensor_names],
+                "graph_edges": [list(e) for e in ds.graph_edges or ()],
+            },
+            indent=2,
+        )
+    )
+    print(
+        f"wrote {len(ds.train)} train rows ({len(ds.train.units)} units), {len(ds.test)} test rows "
+        f"({len(ds.test.units)} units), {len(ds.train.sensor_names)} sensors to {args.out}"
+    )
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from edgeglm.demo import run_demo
+
+    return run_demo(args.out, quick=args.quick, seed=args.seed)
+
+
+def _format_metrics(d: dict) -> str:
+    width = max(len(k) for k in d)
+    lines = []
+    for k, v in d.items():
+        text = f"{v:.3f}" if isinstance(v, float) else str(v)
+        lines.append(f"{k:<{width}}  {text}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgeglm",
+        description=(
+            "EdgeGLM: train graph models for predictive maintenance, compress them, and run them on "
+            "Jetson and ARM gateways that sync with the cloud over MQTT."
+        ),
+        epilog=(
+            "Start here:  edgeglm demo        (simulated factory line, end to end)\n"
+            "             edgeglm train --data cmapss:/data/cmapss --subset FD001 --out runs/fd001\n"
+            "Run 'edgeglm COMMAND --help' for a command's options and an example."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"edgeglm {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    data_help = "data source: 'factory' (embedded simulator, default), 'factory?seed=N', or 'cmapss:FOLDER'"
+    p = sub.add_parser(
+        "train",
+        help="train a model on the simulator or C-MAPSS and write a checkpoint",
+        description="Train a reference model with a validation split by unit and early stopping.",
+        epilog="example: edgeglm train --data cmapss:../shared/datasets/cmapss --subset FD001 --out runs/fd001",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--data", default="factory", help=data_help)
+    p.add_argument("--subset", help="C-MAPSS subset FD001..FD004 (default: FD001)")
+    p.add_argument("--out", type=Path, help="checkpoint folder to write (default: none, metrics only)")
+    p.add_argument(
+        "--model",
+        default="stgnn",
+        choices=["stgnn", "stgnn-small", "mlp"],
+        help="architecture: the STGNN teacher, a small GNN student, or the graph-free MLP (default: stgnn)",
+    )
+    p.add_argument(
+        "--graph",
+        choices=["fixed", "adaptive", "both", "none"],
+        help="STGNN sensor mixing: data's graph, learned, both, or none (default: fixed)",
+    )
+    p.add_argument("--window", type=int, default=30, help="cycles per window (default: 30)")
+    p.add_argument("--epochs", type=int, default=60, help="maximum epochs (default: 60)")
+    p.add_argument("--batch-size", type=int, default=256, help="windows per step (default: 256)")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: 2e-3)")
+    p.add_argument("--patience", type=int, default=12, help="early-stopping patience in epochs (default: 12)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    p.add_argument("--json", action="store_true", help="print metrics as one JSON object")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="print test RMSE and PHM08 score of a checkpoint",
+        description="Evaluate a checkpoint on the last window of every test unit (the standard protocol).",
+        epilog="example: edgeglm evaluate runs/fd001",
+    )
+    p.add_argument("checkpoint", type=Path, help="checkpoint folder written by 'edgeglm train'")
+    p.add_argument("--data", help="data source (default: the one recorded in the checkpoint)")
+    p.add_argument("--subset", help="C-MAPSS subset (default: the recorded one)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser(
+        "simulate",
+        help="write the factory-line simulator's data in C-MAPSS text format",
+        description="Simulate a factory line to failure and write train/test/RUL files like C-MAPSS's.",
+        epilog="example: edgeglm simulate --out data/factory --seed 1",
+    )
+    p.add_argument("--out", type=Path, required=True, help="folder to write")
+    p.add_argument("--seed", type=int, default=0, help="simulator seed (default: 0)")
+    p.set_defaults(func=_cmd_simulate)
+
+    p = sub.add_parser(
+        "demo",
+        help="run the end-to-end demo on the embedded factory simulator",
+        description="Simulate a factory line, train the STGNN teacher and evaluate it (what `make demo` runs).",
+        epilog="example: edgeglm demo --out runs/demo",
+    )
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="working folder (default: runs/demo)")
+    p.add_argument("--quick", action="store_true", help="a short run for tests (fewer units and epochs)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    handler: Handler = args.func
+    try:
+        return handler(args)
+    except EdgeGLMError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc.message}", file=sys.stderr)
+        if exc.hint:
+            print(f"hint: {exc.hint}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
