@@ -17,7 +17,7 @@ from torch import nn
 
 from edgeglm.errors import ExportError
 
-__all__ = ["FORBIDDEN_OPS", "INPUT_NAME", "OUTPUT_NAME", "ExportResult", "export_onnx", "op_counts"]
+__all__ = ["FORBIDDEN_OPS", "INPUT_NAME", "OUTPUT_NAME", "ExportConfig", "ExportResult", "export_onnx", "op_counts"]
 
 INPUT_NAME = "window"
 OUTPUT_NAME = "rul"
@@ -141,3 +141,51 @@ def _quiet_exporter():
             yield
     finally:
         logger.setLevel(level)
+
+
+# -- the export pass -----------------------------------------------------------------------------
+
+from dataclasses import dataclass as _dataclass  # noqa: E402
+from typing import ClassVar  # noqa: E402
+
+from edgeglm.compress.passes import PassConfig, PassContext, PassResult, Stage, register_pass  # noqa: E402
+from edgeglm.errors import ConfigError  # noqa: E402
+
+
+@_dataclass(frozen=True)
+class ExportConfig(PassConfig):
+    """Torch → ONNX (dynamo exporter, dynamic batch). The runner inserts it before the first
+    ONNX pass when a recipe does not list it.
+
+    Args:
+        opset: default-domain opset (default: 18; ≥ 17 for LayerNormalization-era ops).
+        atol: max |ORT − torch| allowed on the check input (default: 1e-5).
+    """
+
+    kind: ClassVar[str] = "export"
+    opset: int = DEFAULT_OPSET
+    atol: float = 1e-5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 13 <= self.opset <= 23:
+            raise ConfigError(f"[export] opset must be in 13..23, got {self.opset}")
+
+
+@register_pass(ExportConfig)
+def _run_export(stage: Stage, config: ExportConfig, ctx: PassContext) -> PassResult:
+    if stage.torch_model is None:
+        raise ConfigError("[export] the model is already ONNX; list export once, after the torch passes")
+    spec = ctx.prepared.spec
+    path = ctx.workdir / f"{stage.name}.onnx"
+    result = export_onnx(
+        stage.torch_model,
+        path,
+        window=spec.window,
+        num_nodes=spec.num_sensors,
+        opset=config.opset,
+        check_input=ctx.prepared.val.x[:64],
+        atol=config.atol,
+    )
+    record = {"opset": result.opset, "ops": result.ops, "max_abs_diff": result.max_abs_diff}
+    return PassResult(Stage(stage.name, onnx_path=path, architecture=stage.architecture), record)

@@ -76,6 +76,19 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compress(args: argparse.Namespace) -> int:
+    from edgeglm.compress.pipeline import compress_checkpoint
+
+    run = compress_checkpoint(args.checkpoint, args.out, recipe=args.recipe, data=args.data, seed=args.seed,
+                              progress=not args.quiet, latency_runs=args.latency_runs)
+    s = run.summary()
+    print(f"test RMSE {s['rmse_fp32']:.2f} -> {s['rmse_int8']:.2f} (delta {s['delta_rmse']:+.2f}); "
+          f"size {s['size_fp32'] / 1024:.1f} -> {s['size_int8'] / 1024:.1f} KiB (x{s['size_ratio']:.1f}); "
+          f"latency b1 x{s['speedup_b1']:.1f}, b64 x{s['speedup_b64']:.1f}")
+    print(f"model: {run.model_path}\nreport: {run.out / 'report.md'}")
+    return 0
+
+
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from edgeglm.data.factory import simulate_line
 
@@ -178,6 +191,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subset", help="C-MAPSS subset (default: the recorded one)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_evaluate)
+
+    from edgeglm.compress.recipe import DEFAULT_RECIPE
+
+    p = sub.add_parser(
+        "compress",
+        help="prune, distill, fuse and INT8-quantize a checkpoint by a recipe, with a report",
+        description=(
+            "Run a compression recipe (TOML) on a trained checkpoint. After every pass the model is "
+            "measured (accuracy, size, latency); OUT gets model.onnx, window_spec.json, graph.json and "
+            "report.json/.md/.png."
+        ),
+        epilog=f"example: edgeglm compress runs/fd001 --out runs/fd001-int8\ndefault recipe: {DEFAULT_RECIPE}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("checkpoint", type=Path, help="checkpoint folder written by 'edgeglm train'")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--recipe", type=Path, help="recipe TOML (default: the shipped default recipe)")
+    p.add_argument("--data", help="data source (default: the one recorded in the checkpoint)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--latency-runs", type=int, default=200, help="timed runs per latency figure (default: 200)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_compress)
 
     p = sub.add_parser(
         "simulate",

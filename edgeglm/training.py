@@ -43,6 +43,7 @@ __all__ = [
     "fit",
     "predict",
     "prepare",
+    "prepare_from_checkpoint",
     "train_from_source",
 ]
 
@@ -328,3 +329,32 @@ def train_from_source(
             metrics=metrics,
         )
     return net, ckpt, metrics
+
+
+def prepare_from_checkpoint(checkpoint: Checkpoint, dataset: Dataset) -> Prepared:
+    """Windows of ``dataset`` exactly as the checkpoint's model saw them in training:
+    its window spec (normalization fitted then), its graph and its validation units.
+
+    Raises:
+        CheckpointError: the data lacks sensors the checkpoint was trained on.
+    """
+    from edgeglm.errors import CheckpointError
+
+    spec = checkpoint.window_spec
+    missing = [s for s in spec.sensor_names if s not in dataset.train.sensor_names]
+    if missing:
+        raise CheckpointError(
+            f"data {dataset.source!r} lacks sensors {missing} that checkpoint {checkpoint.path} was trained on",
+            hint="use the data source recorded in the checkpoint (omit --data)",
+        )
+    val_units = tuple(int(u) for u in checkpoint.data.get("val_units", ()))
+    train_t = dataset.train.take(~np.isin(dataset.train.unit, val_units))
+    return Prepared(
+        dataset=dataset,
+        spec=spec,
+        graph=checkpoint.graph,
+        train=spec.windows(train_t),
+        val=spec.windows(dataset.train.select_units(val_units)),
+        test=spec.last_windows(dataset.test),
+        val_units=val_units,
+    )

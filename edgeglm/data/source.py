@@ -4,6 +4,8 @@ Forms::
 
     factory                      the embedded factory-line simulator, seed 0
     factory?seed=7               the simulator with another seed
+    factory?seed=1&units_train=20&units_test=8
+                                 any LineConfig field (see edgeglm.data.factory)
     cmapss:/data/cmapss          NASA C-MAPSS from a folder, subset FD001
     cmapss:/data/cmapss?subset=FD002
     cmapss                       C-MAPSS from $EDGEGLM_CMAPSS
@@ -30,11 +32,11 @@ class DataSource:
     kind: str
     path: str | None = None
     subset: str = "FD001"
-    seed: int = 0
+    query: str = ""
 
     def __str__(self) -> str:
         if self.kind == "factory":
-            return "factory" if self.seed == 0 else f"factory?seed={self.seed}"
+            return f"factory?{self.query}" if self.query else "factory"
         return f"cmapss:{self.path}?subset={self.subset}" if self.path else f"cmapss?subset={self.subset}"
 
     @property
@@ -61,19 +63,17 @@ def parse_source(text: str, *, subset: str | None = None) -> DataSource:
             f"data source {text!r}: unknown kind {kind!r}",
             hint="use 'factory' (the embedded simulator) or 'cmapss:PATH' (a folder with train_FD001.txt …)",
         )
-    params = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
-    allowed = {"factory": {"seed"}, "cmapss": {"subset"}}[kind]
-    unknown = sorted(set(params) - allowed)
-    if unknown:
-        raise ConfigError(f"data source {text!r}: unknown option(s) {unknown}; {kind} takes {sorted(allowed)}")
     if kind == "factory":
+        from edgeglm.data.factory import parse_factory_source
+
         if path:
             raise ConfigError(f"data source {text!r}: the simulator takes no path", hint="use 'factory?seed=N'")
-        try:
-            seed = int(params.get("seed", 0))
-        except ValueError:
-            raise ConfigError(f"data source {text!r}: seed must be an integer") from None
-        return DataSource("factory", seed=seed)
+        parse_factory_source(f"factory?{query}" if query else "factory")  # validates every field
+        return DataSource("factory", query=query)
+    params = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
+    unknown = sorted(set(params) - {"subset"})
+    if unknown:
+        raise ConfigError(f"data source {text!r}: unknown option(s) {unknown}; cmapss takes ['subset']")
     chosen = (subset or params.get("subset") or "FD001").upper()
     return DataSource("cmapss", str(Path(path).expanduser().resolve()) if path else None, chosen)
 
@@ -82,9 +82,10 @@ def load_source(source: DataSource | str, *, subset: str | None = None) -> Datas
     """Load the data set a source names."""
     src = parse_source(source, subset=subset) if isinstance(source, str) else source
     if src.kind == "factory":
-        from edgeglm.data.factory import simulate_line
+        from edgeglm.data.factory import parse_factory_source, simulate_line
 
-        return simulate_line(seed=src.seed)
+        config, seed = parse_factory_source(str(src))
+        return simulate_line(config, seed=seed)
     from edgeglm.data.cmapss import find_cmapss, load_cmapss
 
     return load_cmapss(find_cmapss(src.path), src.subset)
