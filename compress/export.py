@@ -65,7 +65,8 @@ def export_onnx(
     The graph takes ``window`` of shape ``(batch, window, num_nodes)`` float32 and returns
     ``rul`` of shape ``(batch, 1)``. After export the graph is checked with the ONNX
     checker, scanned for :data:`FORBIDDEN_OPS`, and run with ONNX Runtime on
-    ``check_input`` (default: 8 random windows); outputs must match torch within ``atol``.
+    ``check_input`` (default: 8 random windows); outputs must match torch within
+    ``atol · max(1, max|output|)`` (relative for outputs in cycles, absolute near zero).
 
     Raises:
         ExportError: the exporter failed, a forbidden op is present, or outputs differ.
@@ -105,15 +106,20 @@ def export_onnx(
             hint="fold PyG message passing into dense graph convolutions first (edgeglm.compress.fold)",
         )
     opset_found = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), opset)
-    diff = _compare_with_ort(model, path, window, num_nodes, check_input)
-    if diff > atol:
-        raise ExportError(f"ONNX Runtime output differs from torch by {diff:.3g} (> {atol:g}) for {path}")
+    diff, scale = _compare_with_ort(model, path, window, num_nodes, check_input)
+    if diff > atol * scale:
+        raise ExportError(
+            f"ONNX Runtime output differs from torch by {diff:.3g} (> {atol:g} × {scale:.3g}) for {path}",
+            hint="the export changed the model's math; report this with the model config",
+        )
     return ExportResult(path=path, opset=int(opset_found), ops=ops, max_abs_diff=diff)
 
 
 def _compare_with_ort(
     model: nn.Module, path: Path, window: int, num_nodes: int, check_input: np.ndarray | None
-) -> float:
+) -> tuple[float, float]:
+    """``(max |ORT − torch|, max(1, max |torch|))``: outputs are RUL in cycles (up to ~125), where one
+    float32 rounding step is ~1e-5, so the tolerance scales with the output magnitude."""
     import onnxruntime as ort
 
     x = (
@@ -127,7 +133,7 @@ def _compare_with_ort(
     got = sess.run(None, {INPUT_NAME: x})[0]
     with torch.no_grad():
         want = model(torch.from_numpy(x)).numpy()
-    return float(np.max(np.abs(got - want)))
+    return float(np.max(np.abs(got - want))), max(1.0, float(np.max(np.abs(want))))
 
 
 @contextlib.contextmanager

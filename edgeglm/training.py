@@ -6,8 +6,9 @@ windows to both sides), early stopping on validation RMSE, and the test metric o
 the last window of every test unit.
 
 Loss: mean squared error on the scaled target ``y / rul_cap`` (the model outputs
-cycles; dividing keeps the loss O(1)). Optimiser: AdamW with a cosine learning-rate
-decay over ``epochs``; the weights of the best validation epoch are restored.
+cycles; dividing keeps the loss O(1)). Optimiser: AdamW, learning rate warmed up
+linearly over the first 10 % of steps then decayed by a cosine over ``epochs``; the
+weights of the best validation epoch are restored.
 """
 
 from __future__ import annotations
@@ -187,9 +188,7 @@ def fit(
     x_all, y_all = torch.from_numpy(train.x), torch.from_numpy(train.y)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch, pct_start=0.1
-    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(config.epochs * steps_per_epoch))
     mse = nn.MSELoss()
 
     def default_loss(m: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
@@ -227,6 +226,21 @@ def fit(
     model.load_state_dict(best_state)
     model.eval()
     return TrainResult(best_epoch, best_rmse, epoch, time.perf_counter() - started, history)
+
+
+def _warmup_cosine(total_steps: int, warmup_fraction: float = 0.1, floor: float = 0.01) -> Callable[[int], float]:
+    """LR factor: linear warm-up over the first 10 % of steps, then cosine decay to ``floor``.
+    Well defined for any ``total_steps ≥ 1`` (fine-tuning runs can be a handful of steps)."""
+    warm = max(1, int(warmup_fraction * total_steps))
+    decay = max(1, total_steps - warm)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        t = min(1.0, (step - warm) / decay)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return factor
 
 
 def _progress(enabled: bool):
