@@ -9,6 +9,7 @@ import pytest
 PACKAGES = [
     "edgeglm",
     "edgeglm.data",
+    "edgeglm.compress",
     "edgeglm.models",
     "edgeglm.errors",
     "edgeglm.graph",
