@@ -22,8 +22,19 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    import os
+
+    from edgeglm.distributed import torchrun_world_size, train_distributed
+    from edgeglm.errors import ConfigError
     from edgeglm.training import TrainConfig, train_from_source
 
+    if args.workers < 1:
+        raise ConfigError(f"--workers must be ≥ 1, got {args.workers}", hint="pass --workers 2 or more")
+    if args.topk is not None and args.workers < 2:
+        raise ConfigError(
+            f"--topk {args.topk} sparsifies the gradients exchanged between workers, but --workers is {args.workers}",
+            hint="add --workers 2 (or more), or drop --topk for single-process training",
+        )
     cfg = TrainConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -32,20 +43,38 @@ def _cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         threads=args.threads,
     )
-    _, ckpt, metrics = train_from_source(
-        args.data,
-        args.out,
-        model=args.model,
-        graph_mode=args.graph,
-        window=args.window,
-        train_config=cfg,
-        subset=args.subset,
-        progress=not args.quiet,
-    )
-    summary = {k: v for k, v in metrics.items() if k != "history"}
+    if args.workers > 1 or torchrun_world_size() is not None:
+        metrics = train_distributed(
+            args.data,
+            args.out,
+            workers=args.workers,
+            topk=args.topk,
+            model=args.model,
+            graph_mode=args.graph,
+            window=args.window,
+            train_config=cfg,
+            subset=args.subset,
+            progress=not args.quiet,
+        )
+        if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
+            return 0
+        ckpt_path = args.out
+    else:
+        _, ckpt, metrics = train_from_source(
+            args.data,
+            args.out,
+            model=args.model,
+            graph_mode=args.graph,
+            window=args.window,
+            train_config=cfg,
+            subset=args.subset,
+            progress=not args.quiet,
+        )
+        ckpt_path = ckpt.path if ckpt is not None else None
+    summary = {k: v for k, v in metrics.items() if k not in ("history", "sparsify")}
     print(json.dumps(summary) if args.json else _format_metrics(summary))
-    if ckpt is not None and not args.json:
-        print(f"checkpoint: {ckpt.path}")
+    if ckpt_path is not None and not args.json:
+        print(f"checkpoint: {ckpt_path}")
     return 0
 
 
@@ -152,7 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train a model on the simulator or C-MAPSS and write a checkpoint",
         description="Train a reference model with a validation split by unit and early stopping.",
-        epilog="example: edgeglm train --data cmapss:../shared/datasets/cmapss --subset FD001 --out runs/fd001",
+        epilog=(
+            "example: edgeglm train --data cmapss:../shared/datasets/cmapss --subset FD001 --out runs/fd001\n"
+            "         edgeglm train --data cmapss:../shared/datasets/cmapss --workers 2 --topk 0.001 --out runs/topk"
+        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--data", default="factory", help=data_help)
@@ -175,7 +207,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: 2e-3)")
     p.add_argument("--patience", type=int, default=12, help="early-stopping patience in epochs (default: 12)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    p.add_argument("--threads", type=int, help="torch threads per worker (default: cores // workers)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="data-parallel worker processes (gloo, DDP); under torchrun, its world size (default: 1)",
+    )
+    p.add_argument(
+        "--topk",
+        type=float,
+        metavar="RATIO",
+        help="send only this fraction of gradient entries between workers, e.g. 0.01 (needs --workers ≥ 2; "
+        "default: dense all-reduce)",
+    )
     p.add_argument("--json", action="store_true", help="print metrics as one JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
