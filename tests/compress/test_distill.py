@@ -12,18 +12,12 @@ from torch import nn
 
 from edgeglm.compress.distill import DistillConfig, Student, alpha_at
 from edgeglm.compress.passes import PassContext, PassResult, Stage, config_from_table, run_pass
-from edgeglm.data.factory import LineConfig, simulate_line
 from edgeglm.errors import ConfigError
 from edgeglm.metrics import rmse
 from edgeglm.models import STGNN, MLPStudent, STGNNConfig, build_model, count_parameters
-from edgeglm.training import Prepared, TrainConfig, fit, predict, prepare
+from edgeglm.training import Prepared, TrainConfig, fit, predict
 
 WINDOW = 16
-
-
-@pytest.fixture(scope="module")
-def prepared() -> Prepared:
-    return prepare(simulate_line(LineConfig(units_train=8, units_test=4), seed=0), window=WINDOW)
 
 
 @pytest.fixture(scope="module")

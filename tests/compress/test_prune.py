@@ -12,17 +12,11 @@ from torch import nn
 
 from edgeglm.compress.passes import PassContext, PassResult, Stage, config_from_table, run_pass
 from edgeglm.compress.prune import Importance, PruneConfig, PruneMode
-from edgeglm.data.factory import LineConfig, simulate_line
 from edgeglm.errors import ConfigError
 from edgeglm.models import MLPConfig, STGNNConfig, TemporalConv, build_model, count_parameters
-from edgeglm.training import Prepared, TrainConfig, fit, prepare
+from edgeglm.training import Prepared, TrainConfig, fit
 
 WINDOW = 16
-
-
-@pytest.fixture(scope="module")
-def prepared() -> Prepared:
-    return prepare(simulate_line(LineConfig(units_train=8, units_test=4), seed=0), window=WINDOW)
 
 
 @pytest.fixture(scope="module")
