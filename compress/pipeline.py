@@ -16,7 +16,8 @@ Output folder::
       model.onnx          the final model (standard ONNX ops; INT8 QDQ when quantized)
       window_spec.json    how rows become windows (from the checkpoint)
       graph.json          the sensor graph (from the checkpoint)
-      compress.json       recipe, source checkpoint, per-stage records (what `edgeglm build` reads)
+      compress.json       recipe, source checkpoint, precision, final accuracy (what `edgeglm build` reads)
+      golden_windows.npy  a few real validation windows: the bundle's golden inputs
       report.json / report.md / report.png
       stages/             intermediate files
 """
@@ -29,6 +30,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from edgeglm.checkpoint import Checkpoint, load_checkpoint, load_model
 from edgeglm.compress.export import ExportConfig, export_onnx
@@ -121,16 +124,23 @@ def measure_stage(
     else:
         assert stage.torch_model is not None
         path = scratch / f"{stage.name}.measure.onnx"
-        export_onnx(stage.torch_model, path, window=spec.window, num_nodes=spec.num_sensors,
-                    check_input=prepared.val.x[:64])
+        export_onnx(
+            stage.torch_model, path, window=spec.window, num_nodes=spec.num_sensors, check_input=prepared.val.x[:64]
+        )
     model = OnnxModel(path, threads=1)
     val = model.accuracy(prepared.val.x, prepared.val.y)
     test = model.accuracy(prepared.test.x, prepared.test.y)
     sample = prepared.val.x[:64]
     b1 = model.latency(sample, batch=1, runs=latency_runs)
     b64 = model.latency(sample, batch=64, runs=latency_runs)
-    figures = {"val_rmse": val["rmse"], "test_rmse": test["rmse"], "test_score": test["score"],
-               **file_sizes(path), "latency_b1_ms": b1.median_ms, "latency_b64_ms": b64.median_ms}
+    figures = {
+        "val_rmse": val["rmse"],
+        "test_rmse": test["rmse"],
+        "test_score": test["score"],
+        **file_sizes(path),
+        "latency_b1_ms": b1.median_ms,
+        "latency_b64_ms": b64.median_ms,
+    }
     return path, figures
 
 
@@ -185,11 +195,20 @@ def compress_checkpoint(
 
     def record(st: Stage, kind: str, rec_: dict[str, Any], seconds: float) -> None:
         _, fig = measure_stage(st, prepared, workdir, latency_runs=latency_runs)
-        m = StageMetrics(name=st.name, pass_kind=kind, architecture=st.architecture, params=_count_params(st),
-                         seconds=seconds, record=rec_, **fig)  # type: ignore[arg-type]
+        m = StageMetrics(
+            name=st.name,
+            pass_kind=kind,
+            architecture=st.architecture,
+            params=_count_params(st),
+            seconds=seconds,
+            record=rec_,
+            **fig,
+        )  # type: ignore[arg-type]
         stages.append(m)
-        log(f"  {m.name:<10} val RMSE {m.val_rmse:6.2f}  test RMSE {m.test_rmse:6.2f}  "
-            f"{m.size_bytes / 1024:8.1f} KiB  b1 {m.latency_b1_ms * 1000:7.0f} µs  b64 {m.latency_b64_ms:6.2f} ms")
+        log(
+            f"  {m.name:<10} val RMSE {m.val_rmse:6.2f}  test RMSE {m.test_rmse:6.2f}  "
+            f"{m.size_bytes / 1024:8.1f} KiB  b1 {m.latency_b1_ms * 1000:7.0f} µs  b64 {m.latency_b64_ms:6.2f} ms"
+        )
 
     log(f"compress {ckpt.path} with recipe {rec.name!r}: " + " → ".join(p.kind for p in passes))
     record(stage, "checkpoint", {}, 0.0)
@@ -209,12 +228,54 @@ def compress_checkpoint(
     shutil.copyfile(stage.onnx_path, final)
     (out / "window_spec.json").write_text(json.dumps(ckpt.window_spec.to_dict(), indent=2))
     (out / "graph.json").write_text(json.dumps(ckpt.graph.to_dict(), indent=2))
-    run = CompressionRun(out=out, recipe=rec, checkpoint=ckpt.path, stages=stages, model_path=final,
-                         seconds=time.perf_counter() - started)
+    np.save(out / GOLDEN_FILE, golden_windows(prepared))
+    quantized = any(p.kind == "quantize" for p in passes)
+    last = stages[-1] if stages else None
+    (out / "compress.json").write_text(
+        json.dumps(
+            {
+                "schema_version": 1,
+                "recipe": rec.name,
+                "passes": [p.kind for p in passes],
+                "checkpoint": str(ckpt.path),
+                "source": ckpt.source,
+                "model_name": Path(str(ckpt.path)).name,
+                "architecture": stage.architecture,
+                "precision": "int8" if quantized else "fp32",
+                "model": final.name,
+                "golden_windows": GOLDEN_FILE,
+                "test_rmse": None if last is None else last.test_rmse,
+                "val_rmse": None if last is None else last.val_rmse,
+            },
+            indent=2,
+        )
+    )
+    run = CompressionRun(
+        out=out,
+        recipe=rec,
+        checkpoint=ckpt.path,
+        stages=stages,
+        model_path=final,
+        seconds=time.perf_counter() - started,
+    )
     from edgeglm.compress.report import write_report
 
     write_report(run, data_name=dataset.name)
     return run
+
+
+GOLDEN_FILE = "golden_windows.npy"
+
+
+def golden_windows(prepared: Prepared, count: int = 8) -> np.ndarray:
+    """``count`` validation windows spread evenly over the validation set (never the test set).
+
+    They become a bundle's golden inputs: the device runs them after installing and must
+    reproduce the reference outputs recorded at build time.
+    """
+    x = prepared.val.x if len(prepared.val) else prepared.train.x
+    idx = np.linspace(0, len(x) - 1, num=min(count, len(x))).round().astype(int)
+    return np.ascontiguousarray(x[idx], dtype=np.float32)
 
 
 def _stage_name(kind: str, index: int, stages: list[StageMetrics]) -> str:

@@ -149,6 +149,55 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.out, quick=args.quick, seed=args.seed)
 
 
+def _cmd_devices(args: argparse.Namespace) -> int:
+    from edgeglm.devices import list_profiles, profile_dirs
+
+    profiles = list_profiles(args.devices_dir)
+    if args.json:
+        print(json.dumps([{**p.to_dict(), "source": str(p.source)} for p in profiles]))
+        return 0
+    rows = [("NAME", "ARCH", "ACCELERATOR", "MEMORY", "BACKENDS", "PRECISIONS")]
+    for p in profiles:
+        accel = p.accelerator
+        accel_text = "none" if accel is None else f"{accel.kind} {accel.compute_capability}"
+        if accel is not None and accel.dla_cores:
+            accel_text += f", {accel.dla_cores} DLA"
+        memory = f"{p.memory_mb // 1024} GB" if p.memory_mb % 1024 == 0 else f"{p.memory_mb} MB"
+        rows.append((p.name, p.arch, accel_text, memory, ",".join(p.backends), ",".join(p.precisions)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    print(f"\nsearched (first match wins): {', '.join(str(d) for d in profile_dirs(args.devices_dir))}")
+    print("one in full: edgeglm devices show NAME")
+    return 0
+
+
+def _cmd_devices_show(args: argparse.Namespace) -> int:
+    from edgeglm.devices import load_profile
+
+    profile = load_profile(args.name, [*args.devices_dir, *args.show_devices_dir])
+    data = {**profile.to_dict(), "source": str(profile.source) if profile.source else None}
+    if args.json or args.show_json:
+        print(json.dumps(data))
+        return 0
+    items: list[tuple[str, object]] = []
+    for key, value in data.items():
+        if key == "accelerator" and value is not None:
+            items += [(f"accelerator.{k}", v) for k, v in value.items()]
+        else:
+            items.append((key, value))
+    width = max(len(k) for k, _ in items)
+    for key, value in items:
+        if isinstance(value, list):
+            text = ", ".join(value)
+        elif isinstance(value, float):
+            text = f"{value:g}"
+        else:
+            text = "-" if value is None else str(value)
+        print(f"{key:<{width}}  {text}")
+    return 0
+
+
 def _format_metrics(d: dict) -> str:
     width = max(len(k) for k in d)
     lines = []
@@ -279,6 +328,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a short run for tests (fewer units and epochs)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.set_defaults(func=_cmd_demo)
+
+    devices_dir_help = (
+        "folder of your own profile TOML files, searched before $EDGEGLM_DEVICES and the shipped ones (repeatable)"
+    )
+    p = sub.add_parser(
+        "devices",
+        help="list the device profiles (Jetson, Raspberry Pi, generic ARM/x86) a bundle can target",
+        description=(
+            "List the device profiles (without ACTION), or show one. A profile is a TOML file saying what a\n"
+            "device is (arch, CPU, memory, GPU, JetPack and TensorRT versions) and how EdgeGLM runs on it\n"
+            "(backends in order of preference, precisions, threads, health-check latency budget).\n\n"
+            "Profiles are searched in the --devices-dir folders, then in $EDGEGLM_DEVICES (folders separated\n"
+            "by ':'), then among the shipped ones; the first file named NAME.toml wins, so your profile\n"
+            "overrides a shipped one of the same name."
+        ),
+        epilog=(
+            "examples: edgeglm devices\n"
+            "          edgeglm devices show jetson-orin-nano-8gb\n"
+            "          edgeglm devices --devices-dir ./my-devices --json\n"
+            "add a device: copy a shipped profile (its path is the 'source' line of 'edgeglm devices show "
+            'NAME\')\nto a folder of yours as NEWNAME.toml, set name = "NEWNAME", edit the figures, and pass '
+            "the folder\nwith --devices-dir or EDGEGLM_DEVICES."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--devices-dir", type=Path, action="append", default=[], metavar="DIR", help=devices_dir_help)
+    p.add_argument("--json", action="store_true", help="print one JSON array of profiles")
+    p.set_defaults(func=_cmd_devices)
+    devices_sub = p.add_subparsers(dest="devices_command", metavar="ACTION")
+    q = devices_sub.add_parser(
+        "show",
+        help="print one profile in full, with the file it came from",
+        description="Print every field of one device profile and the file it was loaded from.",
+        epilog="example: edgeglm devices show raspberry-pi-5\n         edgeglm devices show ./my-devices/press-07.toml",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    q.add_argument("name", metavar="NAME", help="profile name (see 'edgeglm devices') or path to a .toml file")
+    q.add_argument(
+        "--devices-dir",
+        dest="show_devices_dir",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help=devices_dir_help,
+    )
+    q.add_argument("--json", dest="show_json", action="store_true", help="print one JSON object")
+    q.set_defaults(func=_cmd_devices_show)
+
+    from edgeglm import cli_deploy, cli_edge
+
+    cli_deploy.register(sub, devices_dir_help)
+    cli_edge.register(sub)
     return parser
 
 

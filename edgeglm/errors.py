@@ -14,7 +14,9 @@ with the class's ``exit_code``; tracebacks only with ``--debug``::
     ├── BundleError               a bundle cannot be trusted
     │   ├── SignatureError        the Ed25519 signature does not verify
     │   ├── HashMismatch          a file's sha256 or size differs from the manifest
-    │   └── ManifestError         the manifest is malformed, of another format or for another device
+    │   ├── ManifestError         the manifest is malformed or of another format version
+    │   │   └── DeviceMismatch    the bundle was built for another device profile or CPU architecture
+    │   └── DowngradeError        the bundle's sequence is older than what the device runs
     ├── BackendError              an inference backend failed
     │   └── BackendUnavailable    the asked backend is not installed on this device
     ├── ProtocolError             an MQTT envelope of another version or schema
@@ -32,6 +34,8 @@ __all__ = [
     "CodecError",
     "ConfigError",
     "DataError",
+    "DeviceMismatch",
+    "DowngradeError",
     "EdgeGLMError",
     "ExportError",
     "FlashError",
@@ -114,6 +118,18 @@ class ManifestError(BundleError):
     """The manifest is malformed, of an unknown format version, or for another device."""
 
     exit_code = 13
+
+
+class DeviceMismatch(ManifestError):
+    """The bundle was built for another device profile or CPU architecture."""
+
+    exit_code = 14
+
+
+class DowngradeError(BundleError):
+    """The bundle's ``sequence`` is lower than the installed one (anti-downgrade)."""
+
+    exit_code = 15
 
 
 class BackendError(EdgeGLMError):

@@ -18,6 +18,12 @@ PACKAGES = [
     "edgeglm.sparse_codec",
     "edgeglm.checkpoint",
     "edgeglm.training",
+    "edgeglm.bundle",
+    "edgeglm.signing",
+    "edgeglm.atomic",
+    "edgeglm.devices",
+    "edgeglm.runtime",
+    "edgeglm.runtime.backends",
 ]
 
 
