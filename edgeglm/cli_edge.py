@@ -80,6 +80,96 @@ def _cmd_recover(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import sys
+    import time
+
+    from edgeglm.errors import ConfigError
+    from edgeglm.runtime.engine import Engine
+    from edgeglm.runtime.loop import alarm_config, make_predictor, run_rows
+    from edgeglm.runtime.sinks import CsvSink, JsonLinesSink, SqliteSink
+
+    pubkey = args.pubkey or (args.root / "trusted.pub")
+    if not Path(pubkey).is_file():
+        raise ConfigError(
+            f"no trusted public key: {pubkey} does not exist",
+            hint="pass --pubkey KEY.pub (the key the bundle was signed with)",
+        )
+    device = args.device
+    if device is None and (args.root / "device.json").is_file():
+        device = json.loads((args.root / "device.json").read_text()).get("profile")
+    sources = [x for x in (args.replay, args.stdin or None, args.mqtt) if x]
+    if len(sources) != 1:
+        raise ConfigError(
+            "give exactly one source: --replay FILE, --stdin or --mqtt HOST:PORT",
+            hint="e.g. edgeglm edge predict model.eglm --replay test_FD001.txt --pubkey fleet.key.pub",
+        )
+    t0 = time.perf_counter()
+    engine = Engine.open(args.bundle, public_key=pubkey, device=device, backend=args.backend, threads=args.threads)
+    overrides = {"rul_low": args.rul_low, "rul_clear": args.rul_clear, "debounce": args.debounce}
+    predictor = make_predictor(engine, alarm=alarm_config(engine.manifest, overrides))
+    sinks: list = [] if args.quiet else [JsonLinesSink(sys.stdout)]
+    if args.sqlite:
+        sinks.append(SqliteSink(args.sqlite))
+    if args.csv:
+        sinks.append(CsvSink(args.csv))
+    metrics = server = None
+    if args.metrics_port is not None:
+        from edgeglm.runtime.metrics import MetricsServer, RuntimeMetrics
+
+        m = engine.manifest
+        metrics = RuntimeMetrics(
+            predictor,
+            model={
+                "name": m.name,
+                "version": m.version,
+                "backend": engine.backend_name,
+                "bundle_id": engine.bundle.bundle_id[:16],
+            },
+        )
+        server = MetricsServer(metrics, port=args.metrics_port)
+        print(f"metrics on {server.url}/metrics, health on {server.url}/healthz", file=sys.stderr)
+    mqtt = None
+    if args.replay:
+        from edgeglm.runtime.sources import replay_file
+
+        units = {int(u) for u in args.units.split(",")} if args.units else None
+        columns = tuple(c.strip() for c in args.columns.split(",")) if args.columns else None
+        rows = replay_file(args.replay, rate=args.rate, columns=columns, units=units)
+        batch = args.batch if args.rate <= 0 else 1
+    elif args.stdin:
+        from edgeglm.runtime.sources import stdin_rows
+
+        rows, batch = stdin_rows(sys.stdin), 1
+    else:
+        from edgeglm.runtime.sources import MqttSensorSource
+
+        host, _, port = args.mqtt.rpartition(":")
+        mqtt = MqttSensorSource(host or "127.0.0.1", int(port), args.topic, stream_level=args.stream_level)
+        rows, batch = iter(mqtt), 1
+    try:
+        counters = run_rows(predictor, rows, sinks, metrics=metrics, batch=batch)
+    except KeyboardInterrupt:
+        counters = predictor.counters
+    finally:
+        for sink in sinks:
+            sink.close()
+        if mqtt is not None:
+            mqtt.close()
+        if server is not None and not args.linger:
+            server.close()
+        engine.close()
+    elapsed = time.perf_counter() - t0
+    c = counters
+    print(
+        f"{c.rows} rows, {c.predictions} predictions, {c.alarms_raised} alarms raised, "
+        f"{c.total()} bad readings ({c.dropped} rows dropped, {c.rejected} rejected), {c.sensor_faults} sensor "
+        f"faults; backend {engine.backend_name}; {elapsed:.2f} s",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``edge`` command group to the main parser."""
     edge = sub.add_parser(
@@ -116,6 +206,53 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--provision", metavar="PROFILE", help="first install: record this device profile")
     p.add_argument("--pubkey", type=Path, help="with --provision: the public key this device will trust")
     p.set_defaults(func=_cmd_install)
+
+    p = esub.add_parser(
+        "predict",
+        help="run a bundle on sensor rows: replay a file, stdin JSON lines or an MQTT topic",
+        description="Verify and load a bundle, stream rows through the predictor (window, normalization, "
+        "inference, alarms with hysteresis) and print one JSON line per event (prediction, "
+        "alarm_raised, alarm_cleared, sensor_fault, row_rejected). Bad rows are counted, never fatal. "
+        "Replay files: C-MAPSS text (unit cycle settings sensors; columns.json beside it for "
+        "'edgeglm simulate' output) or CSV with a header (stream, t, sensor columns).",
+        epilog="examples:\n"
+        "  edgeglm edge predict fd001.eglm --pubkey fleet.key.pub --replay test_FD001.txt --units 1,2\n"
+        "  edgeglm edge predict fd001.eglm --pubkey fleet.key.pub --replay line.csv --rate 10 \\\n"
+        "      --sqlite events.db --metrics-port 9108\n"
+        "  edgeglm edge predict fd001.eglm --mqtt 127.0.0.1:1883 --topic 'factory/line1/+/sensors' "
+        "--stream-level 2",
+        formatter_class=_RAW,
+    )
+    p.add_argument("bundle", type=Path)
+    p.add_argument(
+        "--root",
+        type=Path,
+        default=DEFAULT_ROOT,
+        help=f"device root: trusted.pub and device.json come from here unless given (default: {DEFAULT_ROOT})",
+    )
+    p.add_argument("--pubkey", type=Path, help="trusted public key (default: ROOT/trusted.pub)")
+    p.add_argument("--device", help="this device's profile (default: ROOT/device.json; the arch is always checked)")
+    p.add_argument("--backend", choices=["onnxruntime", "litert", "tensorrt"], help="force a backend")
+    p.add_argument("--threads", type=int, help="inference threads (default: the profile's)")
+    src = p.add_argument_group("source (exactly one)")
+    src.add_argument("--replay", type=Path, metavar="FILE", help="replay a C-MAPSS text or CSV file")
+    src.add_argument("--stdin", action="store_true", help="read JSON lines from stdin")
+    src.add_argument("--mqtt", metavar="HOST:PORT", help="subscribe to a sensor topic on this broker")
+    p.add_argument("--topic", default="edgeglm/sensors/+", help="MQTT topic filter (default: edgeglm/sensors/+)")
+    p.add_argument("--stream-level", type=int, help="topic level holding the stream id, when rows lack 'stream'")
+    p.add_argument("--rate", type=float, default=0.0, help="replay rows per second (default: 0 = as fast as possible)")
+    p.add_argument("--units", help="replay only these units/streams, e.g. 1,2,3")
+    p.add_argument("--columns", help="column names of a headerless text file (stream and time first)")
+    p.add_argument("--batch", type=int, default=256, help="rows per inference batch for unpaced replay (default: 256)")
+    p.add_argument("--sqlite", type=Path, help="also log events to this SQLite file (WAL)")
+    p.add_argument("--csv", type=Path, help="also log events to this CSV file")
+    p.add_argument("--quiet", action="store_true", help="no JSON lines on stdout (only the summary on stderr)")
+    p.add_argument("--metrics-port", type=int, help="serve /healthz and /metrics on 127.0.0.1:PORT (0 = any)")
+    p.add_argument("--linger", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--rul-low", type=float, help="override the bundle's alarm threshold")
+    p.add_argument("--rul-clear", type=float, help="override the bundle's alarm clear threshold")
+    p.add_argument("--debounce", type=int, help="override the bundle's debounce")
+    p.set_defaults(func=_cmd_predict)
 
     p = esub.add_parser("commit", help="make the model in probation permanent")
     common(p)
