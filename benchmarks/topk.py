@@ -15,10 +15,12 @@ Bytes are the gradient payload one rank hands to its collectives, counted the sa
 (int32 index + float32 value per kept entry), plus one dense step while DDP builds its buckets and
 the sparsity warm-up. ``compression_ratio = bytes_dense / bytes_topk`` over the whole run.
 
-Recipe (the defaults, the same for all three runs): SGD, momentum 0.9, peak lr 0.02 (one-cycle),
-global batch 32, weight decay 1e-4, gradient norm bound 5, 30 epochs; the Top-k runs carry the
-momentum in the hook (DGC momentum correction, the optimizer then has none) and clip locally. Tuned
-on FD001 with 2 workers, 30 epochs, Top-k 0.1 % (test RMSE, Top-k vs its dense baseline):
+Recipe (the defaults, the same for all three runs, read from
+:data:`edgeglm.distributed.TOPK_TRAIN_DEFAULTS`, which ``edgeglm train --topk`` also trains with):
+SGD, momentum 0.9, peak lr 0.02 (one-cycle), global batch 32, weight decay 1e-4, gradient norm
+bound 5, 30 epochs; the Top-k runs carry the momentum in the hook (DGC momentum correction, the
+optimizer then has none) and clip locally. Tuned on FD001 with 2 workers, 30 epochs, Top-k 0.1 %
+(test RMSE, Top-k vs its dense baseline):
 
     AdamW lr 2e-3, batch 256, error feedback        17.08 vs 12.27   (+39 %)
     SGD lr 0.05, batch 256, error feedback          18.09 vs 14.96   (+21 %)
@@ -55,8 +57,7 @@ GOAL_COMPRESSION = 300.0
 
 
 def _run(source: str, subset: str | None, ratio: float | None, args: argparse.Namespace) -> dict:
-    from edgeglm.compress.sparsify import SparsifyConfig
-    from edgeglm.distributed import Optimizer, steps_per_epoch, train_distributed
+    from edgeglm.distributed import Optimizer, steps_per_epoch, topk_sparsify_config, train_distributed
     from edgeglm.training import TrainConfig
 
     cfg = TrainConfig(
@@ -72,14 +73,12 @@ def _run(source: str, subset: str | None, ratio: float | None, args: argparse.Na
         per_epoch = steps_per_epoch(
             _train_windows(source, subset, args), workers=args.workers, batch_size=args.batch_size
         )
-        warmup = args.warmup_epochs * per_epoch
-        sparsify = SparsifyConfig(
-            ratio=ratio,
-            warmup_ratio=max(ratio, args.warmup_ratio),
-            warmup_steps=warmup,
-            warmup_stage_steps=per_epoch if warmup else 1,
+        sparsify = topk_sparsify_config(
+            ratio,
             momentum=args.hook_momentum,
-            clip_norm=5.0,
+            warmup_epochs=args.warmup_epochs,
+            steps_per_epoch=per_epoch,
+            warmup_ratio=args.warmup_ratio,
         )
     m = train_distributed(
         source,
@@ -124,25 +123,29 @@ def _train_windows(source: str, subset: str | None, args: argparse.Namespace) ->
 
 
 def main() -> int:
+    from edgeglm.distributed import TOPK_TRAIN_DEFAULTS as recipe
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=os.environ.get("EDGEGLM_CMAPSS"), help="C-MAPSS folder (or $EDGEGLM_CMAPSS)")
     ap.add_argument("--subset", default="FD001")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=30)
-    ap.add_argument("--batch-size", type=int, default=32, help="global batch, split over the workers")
-    ap.add_argument("--optimizer", choices=["adamw", "sgd"], default="sgd")
-    ap.add_argument("--lr", type=float, default=0.02, help="peak learning rate of the one-cycle schedule")
-    ap.add_argument("--momentum", type=float, default=0.9, help="SGD momentum of the dense run's optimizer")
+    ap.add_argument("--batch-size", type=int, default=recipe.batch_size, help="global batch, split over the workers")
+    ap.add_argument("--optimizer", choices=["adamw", "sgd"], default=recipe.optimizer.value)
+    ap.add_argument("--lr", type=float, default=recipe.lr, help="peak learning rate of the one-cycle schedule")
+    ap.add_argument("--momentum", type=float, default=recipe.momentum, help="SGD momentum of the dense run's optimizer")
     ap.add_argument(
         "--hook-momentum",
         type=float,
-        default=0.9,
+        default=recipe.momentum,
         help="DGC momentum correction in the Top-k hook (the optimizer then has none; needs --optimizer sgd); "
         "0 = pure error feedback with the optimizer's momentum",
     )
-    ap.add_argument("--weight-decay", type=float, default=1e-4)
-    ap.add_argument("--warmup-epochs", type=int, default=0, help="sparsity warm-up epochs (DGC: 4)")
-    ap.add_argument("--warmup-ratio", type=float, default=0.25, help="kept fraction at the warm-up's start")
+    ap.add_argument("--weight-decay", type=float, default=recipe.weight_decay)
+    ap.add_argument("--warmup-epochs", type=int, default=recipe.warmup_epochs, help="sparsity warm-up epochs (DGC: 4)")
+    ap.add_argument(
+        "--warmup-ratio", type=float, default=recipe.warmup_ratio, help="kept fraction at the warm-up's start"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     args = ap.parse_args()

@@ -79,6 +79,8 @@ class DistillConfig(PassConfig):
     Args:
         student: the student architecture (default: ``"mlp"``).
         hidden: MLP student only: hidden widths instead of the preset's (default: preset).
+        temporal: MLP student only: learned temporal features per sensor before the first
+            hidden layer (0 = flatten the window; see :class:`edgeglm.models.MLPConfig`).
         channels: STGNN student only: hidden channels (default: preset).
         blocks: STGNN student only: spatio-temporal blocks (default: preset).
         head_hidden: STGNN student only: hidden units of the head (default: preset).
@@ -95,6 +97,7 @@ class DistillConfig(PassConfig):
     kind: ClassVar[str] = "distill"
     student: Student = Student.MLP
     hidden: tuple[int, ...] | None = None
+    temporal: int | None = None
     channels: int | None = None
     blocks: int | None = None
     head_hidden: int | None = None
@@ -119,6 +122,9 @@ class DistillConfig(PassConfig):
                 f"[distill] {stgnn_fields} set for the mlp student",
                 hint="channels/blocks/head_hidden size an STGNN student; size the mlp with hidden = [...]",
             )
+        if self.student is Student.STGNN_SMALL and self.temporal is not None:
+            raise ConfigError("[distill] temporal set for the stgnn-small student",
+                              hint="temporal factorizes the mlp student's input; the STGNN has temporal convolutions")
         if self.student is Student.STGNN_SMALL and self.hidden is not None:
             raise ConfigError(
                 "[distill] hidden set for the stgnn-small student",
@@ -265,6 +271,8 @@ def _student_config(config: DistillConfig, ctx: PassContext) -> ModelConfig:
     if config.student is Student.MLP:
         if config.hidden is not None:
             fields["hidden"] = config.hidden
+        if config.temporal is not None:
+            fields["temporal"] = config.temporal
         return MLPConfig(**common, **fields)
     for name in ("channels", "blocks", "head_hidden"):
         if getattr(config, name) is not None:

@@ -18,6 +18,9 @@ Output folder::
       graph.json          the sensor graph (from the checkpoint)
       compress.json       recipe, source checkpoint, precision, final accuracy (what `edgeglm build` reads)
       golden_windows.npy  a few real validation windows: the bundle's golden inputs
+      torch_model/        the last torch stage (before export) as a checkpoint folder, its config
+                          holding the pruned widths: what LiteRT conversion starts from
+      calibration_windows.npy  training windows that calibrate LiteRT's INT8 conversion
       report.json / report.md / report.png
       stages/             intermediate files
 """
@@ -33,18 +36,19 @@ from typing import Any
 
 import numpy as np
 
-from edgeglm.checkpoint import Checkpoint, load_checkpoint, load_model
+from edgeglm.checkpoint import Checkpoint, load_checkpoint, load_model, save_checkpoint
 from edgeglm.compress.export import ExportConfig, export_onnx
 from edgeglm.compress.measure import OnnxModel, file_sizes
 from edgeglm.compress.passes import PassContext, Stage, run_pass
 from edgeglm.compress.recipe import Recipe, load_recipe
 from edgeglm.data.source import load_source
-from edgeglm.errors import CheckpointError, ConfigError
+from edgeglm.errors import CheckpointError, ConfigError, ExportError
 from edgeglm.training import Prepared, prepare_from_checkpoint
 
-__all__ = ["CompressionRun", "StageMetrics", "compress_checkpoint", "measure_stage"]
+__all__ = ["TORCH_MODEL_DIR", "CompressionRun", "StageMetrics", "compress_checkpoint", "measure_stage"]
 
 MIN_CALIBRATION_WINDOWS = 64
+TORCH_MODEL_DIR = "torch_model"
 
 
 @dataclass
@@ -191,6 +195,7 @@ def compress_checkpoint(
         passes.insert(first_onnx, ExportConfig())
 
     stage = Stage("teacher", torch_model=teacher, architecture=ckpt.model_config.kind)
+    last_torch = stage
     stages: list[StageMetrics] = []
 
     def record(st: Stage, kind: str, rec_: dict[str, Any], seconds: float) -> None:
@@ -217,6 +222,8 @@ def compress_checkpoint(
         result = run_pass(stage, cfg, ctx)
         name = _stage_name(cfg.kind, i, stages)
         stage = Stage(name, result.stage.torch_model, result.stage.onnx_path, result.stage.architecture)
+        if stage.torch_model is not None:
+            last_torch = stage
         rec_ = {"config": cfg.to_dict(), **result.record}
         if cfg.kind == "export":  # measured as part of the next stage; nothing changes numerically
             continue
@@ -228,7 +235,10 @@ def compress_checkpoint(
     shutil.copyfile(stage.onnx_path, final)
     (out / "window_spec.json").write_text(json.dumps(ckpt.window_spec.to_dict(), indent=2))
     (out / "graph.json").write_text(json.dumps(ckpt.graph.to_dict(), indent=2))
-    np.save(out / GOLDEN_FILE, golden_windows(prepared))
+    golden = golden_windows(prepared)
+    np.save(out / GOLDEN_FILE, golden)
+    np.save(out / CALIBRATION_FILE, calibration_windows(prepared, seed=seed))
+    _save_torch_stage(last_torch, out / TORCH_MODEL_DIR, ckpt, golden, stages)
     quantized = any(p.kind == "quantize" for p in passes)
     last = stages[-1] if stages else None
     (out / "compress.json").write_text(
@@ -265,6 +275,15 @@ def compress_checkpoint(
 
 
 GOLDEN_FILE = "golden_windows.npy"
+CALIBRATION_FILE = "calibration_windows.npy"
+
+
+def calibration_windows(prepared: Prepared, count: int = 256, *, seed: int = 0) -> np.ndarray:
+    """``count`` training windows drawn at random (``seed``): what post-training quantization
+    outside this pipeline (LiteRT's PT2E INT8, at build time) calibrates on. Never test windows."""
+    x = prepared.train.x
+    idx = np.sort(np.random.default_rng(seed).choice(len(x), size=min(count, len(x)), replace=False))
+    return np.ascontiguousarray(x[idx], dtype=np.float32)
 
 
 def golden_windows(prepared: Prepared, count: int = 8) -> np.ndarray:
@@ -276,6 +295,47 @@ def golden_windows(prepared: Prepared, count: int = 8) -> np.ndarray:
     x = prepared.val.x if len(prepared.val) else prepared.train.x
     idx = np.linspace(0, len(x) - 1, num=min(count, len(x))).round().astype(int)
     return np.ascontiguousarray(x[idx], dtype=np.float32)
+
+
+def _save_torch_stage(
+    stage: Stage, folder: Path, ckpt: Checkpoint, golden: np.ndarray, stages: list[StageMetrics]
+) -> None:
+    """Write the last torch stage as a checkpoint folder and prove that it reloads unchanged.
+
+    The config comes from the model's layers (``layer_config()``), not from the config it was
+    built with: structured pruning narrowed the layers, and ``weights.pt`` only loads into a
+    model of the same widths. Reloaded with :func:`load_model`, the model must give the stage's
+    outputs on the golden windows, else the folder is useless to a converter and compress fails.
+    """
+    import torch
+
+    model = stage.torch_model
+    assert model is not None
+    if folder.exists():
+        shutil.rmtree(folder)
+    measured = next((m for m in reversed(stages) if m.name == stage.name), None)
+    metrics = {"stage": stage.name, "architecture": stage.architecture}
+    if measured is not None:
+        metrics.update({"val_rmse": measured.val_rmse, "test_rmse": measured.test_rmse, "params": measured.params})
+    save_checkpoint(
+        folder,
+        model,
+        model_config=model.layer_config(),  # type: ignore[operator]
+        window_spec=ckpt.window_spec,
+        graph=ckpt.graph,
+        data=ckpt.data,
+        metrics=metrics,
+    )
+    x = torch.from_numpy(golden)
+    with torch.no_grad():
+        want = model.eval()(x).numpy()
+        got = load_model(folder)(x).numpy()
+    err = float(np.max(np.abs(got - want)))
+    if not err <= 1e-5 * max(1.0, float(np.max(np.abs(want)))):
+        raise ExportError(
+            f"{folder} does not reproduce the {stage.name!r} stage it was saved from (max |Δ| {err:.3g})",
+            hint="the model's layer_config() misses a width the stage changed; report this as a bug",
+        )
 
 
 def _stage_name(kind: str, index: int, stages: list[StageMetrics]) -> str:

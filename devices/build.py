@@ -237,10 +237,18 @@ def build_bundle(
     if "litert" in chosen:
         from edgeglm.devices.litert import convert_for_bundle
 
-        tflite, litert_tol, litert_precision = convert_for_bundle(folder, golden_in, golden_out)
-        files["model.tflite"] = tflite
-        table["model.tflite"] = {"role": "model", "backends": ["litert"], "precision": litert_precision}
-        tolerance["litert"] = litert_tol
+        input_name = inputs[0]["name"]
+        conversion = convert_for_bundle(
+            folder,
+            golden_in,
+            golden_out,
+            reference=lambda x: next(iter(_reference_outputs(onnx_bytes, {input_name: x}).values())),
+            int8=precision == "int8",
+        )
+        files["model.tflite"] = conversion.model
+        table["model.tflite"] = {"role": "model", "backends": ["litert"], **conversion.record()}
+        tolerance["litert"] = conversion.tolerance
+        notes += [conversion.summary(), *conversion.notes]
     for fname, data in files.items():
         table[fname].update({"sha256": sha256_hex(data), "size": len(data)})
 

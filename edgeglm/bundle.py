@@ -23,7 +23,6 @@ file present, size and sha256 as recorded, nothing extra) → ``device`` (profil
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
 import json
 import re
@@ -41,6 +40,7 @@ from edgeglm.errors import (
     HashMismatch,
     ManifestError,
 )
+from edgeglm.hashing import sha256_hex
 
 __all__ = [
     "BUNDLE_SUFFIXES",
@@ -70,8 +70,6 @@ def canonical_json(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def encode_array(a: np.ndarray) -> dict[str, Any]:
@@ -305,6 +303,34 @@ class Bundle:
         return cls(Manifest.from_bytes(manifest_bytes), manifest_bytes, signature_bytes, members, source=path)
 
     # --- verification -------------------------------------------------------------------
+    def verify_files(self) -> dict[str, FileEntry]:
+        """The ``files`` check alone: every listed file present with its size and sha256, nothing extra.
+
+        What a device re-checks at every start of an *installed* bundle, whose signature was
+        verified when it was installed (:meth:`edgeglm.runtime.SlotStore.open_current`): it
+        needs only hashlib, not the signature library.
+        """
+        entries = self.manifest.files
+        for name, entry in entries.items():
+            data = self.files.get(name)
+            if data is None:
+                raise HashMismatch(f"{name} is listed in the manifest but missing from the bundle", hint=_REBUILD)
+            if len(data) != entry.size:
+                raise HashMismatch(
+                    f"{name} is {len(data)} bytes, the manifest says {entry.size}: truncated or altered", hint=_REBUILD
+                )
+            digest = sha256_hex(data)
+            if digest != entry.sha256:
+                raise HashMismatch(
+                    f"{name} sha256 {digest[:16]}… differs from the manifest's {entry.sha256[:16]}…: "
+                    "the file was altered",
+                    hint=_REBUILD,
+                )
+        extra = sorted(set(self.files) - set(entries))
+        if extra:
+            raise HashMismatch(f"files not covered by the signature: {', '.join(extra)}", hint=_REBUILD)
+        return entries
+
     def verify(
         self,
         public_key: Any,
@@ -330,25 +356,7 @@ class Bundle:
         verify_signature(self.manifest_bytes, signature, key)
         checks.append(("signature", f"Ed25519 by key {signature.key_id}"))
 
-        entries = self.manifest.files
-        for name, entry in entries.items():
-            data = self.files.get(name)
-            if data is None:
-                raise HashMismatch(f"{name} is listed in the manifest but missing from the bundle", hint=_REBUILD)
-            if len(data) != entry.size:
-                raise HashMismatch(
-                    f"{name} is {len(data)} bytes, the manifest says {entry.size}: truncated or altered", hint=_REBUILD
-                )
-            digest = sha256_hex(data)
-            if digest != entry.sha256:
-                raise HashMismatch(
-                    f"{name} sha256 {digest[:16]}… differs from the manifest's {entry.sha256[:16]}…: "
-                    "the file was altered",
-                    hint=_REBUILD,
-                )
-        extra = sorted(set(self.files) - set(entries))
-        if extra:
-            raise HashMismatch(f"files not covered by the signature: {', '.join(extra)}", hint=_REBUILD)
+        entries = self.verify_files()
         checks.append(("files", f"{len(entries)} files, sha256 and size match"))
 
         if device is not None:

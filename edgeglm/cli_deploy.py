@@ -1,4 +1,4 @@
-"""`edgeglm keygen | build | inspect | verify`: the commands that make and check bundles.
+"""`edgeglm keygen | build | inspect | verify | flash`: the commands that make, check and ship bundles.
 
 Registered into the main parser by :func:`register` (see :mod:`edgeglm.cli`). Kept apart from
 the training commands so each file reads as one workflow: compress → build → verify → flash.
@@ -102,8 +102,58 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_flash(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from edgeglm.devices.flash import (
+        FlashOptions,
+        FlashOutcome,
+        Target,
+        flash_device,
+        flash_fleet,
+        format_summary,
+        load_fleet,
+        local_bundle,
+    )
+    from edgeglm.errors import ConfigError, FlashError
+
+    options = FlashOptions(
+        pubkey=args.pubkey,
+        known_hosts=args.known_hosts,
+        accept_host_key=args.accept_host_key,
+        dry_run=args.dry_run,
+        chunk_bytes=max(1, round(args.chunk_kib * 1024)),
+        limit_bytes_per_s=None if args.limit_kib_s is None else args.limit_kib_s * 1024,
+        install_timeout_s=args.install_timeout,
+    )
+    if args.fleet is not None:
+        targets = load_fleet(args.fleet, device_root=args.device_root, remote_edgeglm=args.remote_edgeglm)
+    else:
+        if args.identity is None:
+            raise ConfigError("--to needs --identity", hint="pass the SSH private key to log in with: --identity KEY")
+        targets = [
+            Target.parse(
+                args.to, identity=args.identity, device_root=args.device_root, remote_edgeglm=args.remote_edgeglm
+            )
+        ]
+    with local_bundle(args.bundle) as bundle:
+        m = bundle.bundle.manifest
+        print(f"bundle {m.name} {m.version} (sequence {m.sequence}) for {m.profile}, id {bundle.bundle_id[:16]}…")
+        if args.fleet is None:
+            report = asyncio.run(flash_device(bundle, targets[0], options))
+            if report.outcome is FlashOutcome.PLANNED:
+                print(f"dry run of {report.target}: the plan is above; nothing was changed")
+            else:
+                print(f"{report.target}: {report.outcome.value} in {report.seconds:.1f} s")
+            return 0
+        reports = asyncio.run(flash_fleet(bundle, targets, options, parallel=args.parallel))
+    print()
+    print(format_summary(reports))
+    return FlashError.exit_code if any(r.outcome.is_failure for r in reports) else 0
+
+
 def register(sub: argparse._SubParsersAction, devices_dir_help: str) -> None:
-    """Add keygen, build, inspect and verify to the main parser's subcommands."""
+    """Add keygen, build, inspect, verify and flash to the main parser's subcommands."""
     p = sub.add_parser(
         "keygen",
         help="create an Ed25519 signing key pair for bundles",
@@ -173,3 +223,48 @@ def register(sub: argparse._SubParsersAction, devices_dir_help: str) -> None:
     p.add_argument("--installed-sequence", type=int, help="refuse a bundle older than this sequence")
     p.add_argument("--devices-dir", action="append", default=[], type=Path, help=devices_dir_help)
     p.set_defaults(func=_cmd_verify)
+
+    p = sub.add_parser(
+        "flash", help="install a bundle on a device (or a fleet) over SSH, rolling back on any failure",
+        description="Copy a bundle to a device over SSH/SFTP (resuming an interrupted copy) and install it with "
+                    "the device's own 'edgeglm edge install': verify, inactive A/B slot, golden-input health check, "
+                    "atomic switch, restart of the edgeglm-edge unit (if any), commit. Before copying it checks "
+                    "the device profile and CPU architecture, the anti-downgrade sequence and free space "
+                    "(3 × the bundle); the bundle the device already runs is a no-op. Any failure puts the "
+                    "previous slot back and names the step that failed (exit code 41).\n\n"
+                    "The host key is checked against known_hosts: an unknown one is refused unless "
+                    "--accept-host-key (which records it), a changed one always.\n\n"
+                    "A fleet file (TOML) lists devices:\n"
+                    "  schema_version = 1\n"
+                    "  [[device]]\n"
+                    '  to = "root@10.0.0.7"          # user@host[:port]\n'
+                    '  identity = "keys/deploy"      # SSH key (relative to the fleet file)\n'
+                    "  port = 22                     # optional\n"
+                    '  device_root = "/opt/edgeglm"  # optional (default: --device-root)\n'
+                    '  remote_edgeglm = "/usr/local/bin/edgeglm"   # optional (default: --remote-edgeglm)\n'
+                    '  name = "press-07"             # optional label',
+        epilog="examples: edgeglm flash dist/fd001-orin.eglm --to root@10.0.0.7 --identity ~/.ssh/fleet \\\n"
+               "              --pubkey keys/fleet.key.pub        # first flash: provisions the device\n"
+               "          edgeglm flash dist/fd001-orin.eglm --fleet line-3.toml --parallel 8\n"
+               "          edgeglm flash dist/fd001-orin.eglm --to root@10.0.0.7 --identity KEY --dry-run",
+        formatter_class=_RAW)
+    p.add_argument("bundle", type=Path, help="bundle file (.eglm) or folder (packed before the copy)")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--to", metavar="USER@HOST[:PORT]", help="the device to flash")
+    target.add_argument("--fleet", type=Path, metavar="FILE", help="TOML file listing devices (see above)")
+    p.add_argument("--identity", type=Path, help="SSH private key to log in with (the only credential tried)")
+    p.add_argument("--device-root", default="/opt/edgeglm", help="EdgeGLM root on the device (default: /opt/edgeglm)")
+    p.add_argument("--remote-edgeglm", default="edgeglm", metavar="PATH",
+                   help="the edgeglm command on the device (default: edgeglm on its PATH)")
+    p.add_argument("--known-hosts", type=Path, metavar="FILE", help="known_hosts file (default: ~/.ssh/known_hosts)")
+    p.add_argument("--accept-host-key", action="store_true",
+                   help="trust an unknown host key and record it in known_hosts (never a changed one)")
+    p.add_argument("--dry-run", action="store_true", help="run the checks and print the plan; change nothing")
+    p.add_argument("--pubkey", type=Path, metavar="KEY.pub",
+                   help="public key a new device will trust (needed on its first flash); also verifies the bundle")
+    p.add_argument("--parallel", type=int, default=4, help="with --fleet: devices flashed at once (default: 4)")
+    p.add_argument("--chunk-kib", type=float, default=256, help="SFTP write size in KiB (default: 256)")
+    p.add_argument("--limit-kib-s", type=float, metavar="KIB_S", help="cap the copy rate (KiB/s), for thin links")
+    p.add_argument("--install-timeout", type=float, default=900.0, metavar="S",
+                   help="seconds 'edge install' may take (health check, TensorRT engine build) (default: 900)")
+    p.set_defaults(func=_cmd_flash)

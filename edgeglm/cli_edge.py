@@ -89,15 +89,18 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from edgeglm.runtime.loop import alarm_config, make_predictor, run_rows
     from edgeglm.runtime.sinks import CsvSink, JsonLinesSink, SqliteSink
 
-    pubkey = args.pubkey or (args.root / "trusted.pub")
-    if not Path(pubkey).is_file():
-        raise ConfigError(
-            f"no trusted public key: {pubkey} does not exist",
-            hint="pass --pubkey KEY.pub (the key the bundle was signed with)",
-        )
-    device = args.device
-    if device is None and (args.root / "device.json").is_file():
-        device = json.loads((args.root / "device.json").read_text()).get("profile")
+    installed = args.bundle is None
+    pubkey = device = None
+    if not installed:
+        pubkey = args.pubkey or (args.root / "trusted.pub")
+        if not Path(pubkey).is_file():
+            raise ConfigError(
+                f"no trusted public key: {pubkey} does not exist",
+                hint="pass --pubkey KEY.pub (the key the bundle was signed with)",
+            )
+        device = args.device
+        if device is None and (args.root / "device.json").is_file():
+            device = json.loads((args.root / "device.json").read_text()).get("profile")
     sources = [x for x in (args.replay, args.stdin or None, args.mqtt) if x]
     if len(sources) != 1:
         raise ConfigError(
@@ -105,7 +108,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             hint="e.g. edgeglm edge predict model.eglm --replay test_FD001.txt --pubkey fleet.key.pub",
         )
     t0 = time.perf_counter()
-    engine = Engine.open(args.bundle, public_key=pubkey, device=device, backend=args.backend, threads=args.threads)
+    if installed:  # the model this device runs, verified at install (see SlotStore.open_current)
+        engine = Engine.open_installed(args.root, backend=args.backend, threads=args.threads)
+    else:
+        engine = Engine.open(args.bundle, public_key=pubkey, device=device, backend=args.backend, threads=args.threads)
     overrides = {"rul_low": args.rul_low, "rul_clear": args.rul_clear, "debounce": args.debounce}
     predictor = make_predictor(engine, alarm=alarm_config(engine.manifest, overrides))
     sinks: list = [] if args.quiet else [JsonLinesSink(sys.stdout)]
@@ -170,6 +176,39 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    import logging
+    import sys
+
+    from edgeglm.runtime.agent import Agent, install_signal_handlers
+    from edgeglm.runtime.agent_config import load_agent_config
+    from edgeglm.runtime.slots import SlotStore
+
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        stream=sys.stderr,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    config = load_agent_config(args.config)
+    if not config.bundle:
+        SlotStore(config.root).recover()  # finish an install a power cut interrupted before loading the model
+    agent = Agent(config, out=sys.stdout)
+    install_signal_handlers(agent)
+    stats = agent.run(drain=args.drain, drain_timeout_s=args.drain_timeout)
+    print(
+        json.dumps(
+            {
+                "node": config.node,
+                **stats.to_dict(),
+                "acked_seq": agent.outbox.acked_seq,
+                "last_seq": agent.outbox.last_seq,
+            }
+        ),
+        file=sys.stderr,
+    )
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``edge`` command group to the main parser."""
     edge = sub.add_parser(
@@ -223,7 +262,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--stream-level 2",
         formatter_class=_RAW,
     )
-    p.add_argument("bundle", type=Path)
+    p.add_argument(
+        "bundle",
+        type=Path,
+        nargs="?",
+        help="bundle file or folder (default: the model installed under --root, as the agent runs it)",
+    )
     p.add_argument(
         "--root",
         type=Path,
@@ -253,6 +297,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rul-clear", type=float, help="override the bundle's alarm clear threshold")
     p.add_argument("--debounce", type=int, help="override the bundle's debounce")
     p.set_defaults(func=_cmd_predict)
+
+    p = esub.add_parser(
+        "run",
+        help="the edge agent: predict on a sensor source, raise alarms, sync with the cloud over MQTT",
+        description="Run the installed model (or agent.bundle) on the configured source; alarms are printed and "
+        "stored locally even with no broker; every record goes to the SQLite outbox first and leaves "
+        "it only when the cloud acknowledges it. See runtime/agent_config.py for every key.",
+        epilog="example: edgeglm edge run --config /etc/edgeglm/edge.toml\n\n"
+        'minimal edge.toml:\n  [agent]\n  node = "press-07"\n  root = "/opt/edgeglm"\n'
+        '  [source]\n  kind = "mqtt"\n  topic = "factory/line1/press-07/sensors"\n'
+        '  [sync]\n  host = "broker.local"\n  username = "press-07"\n'
+        '  password_file = "/etc/edgeglm/mqtt-password"',
+        formatter_class=_RAW,
+    )
+    p.add_argument("--config", type=Path, required=True, help="edge.toml")
+    p.add_argument("--drain", action="store_true", help="when the source ends, wait until the cloud acked everything")
+    p.add_argument("--drain-timeout", type=float, default=60.0, help="seconds to wait with --drain (default: 60)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log connections and acks to stderr")
+    p.set_defaults(func=_cmd_run)
 
     p = esub.add_parser("commit", help="make the model in probation permanent")
     common(p)

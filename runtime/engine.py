@@ -116,6 +116,32 @@ class Engine:
             raise
         return cls(bundle, be, model_dir, report=report, threads=n_threads, cleanup=cleanup)
 
+    @classmethod
+    def open_installed(
+        cls,
+        root: Path | str,
+        *,
+        backend: str | None = None,
+        threads: int | None = None,
+        backend_options: dict | None = None,
+    ) -> Engine:
+        """Load the model a device runs: ``ROOT/current``, checked by :meth:`SlotStore.open_current`.
+
+        No signature check here (it ran at install); the hashes, the committed bundle id and the
+        device are checked. This is what the long-running agent uses.
+        """
+        from edgeglm.runtime.slots import SlotStore
+
+        store = SlotStore(root)
+        bundle = store.open_current()
+        name = select_backend(bundle.manifest.backends, requested=backend)
+        model_dir = store.slots / str(store.current_slot())
+        n_threads = threads or int(bundle.manifest.data["device"].get("threads", 1))
+        be = create_backend(
+            name, model_dir, bundle.manifest.model_file(name), threads=n_threads, options=backend_options
+        )
+        return cls(bundle, be, model_dir, report=None, threads=n_threads)
+
     def infer(self, windows: np.ndarray) -> np.ndarray:
         """RUL for a batch of normalized windows ``(n, time, sensors)`` → ``(n,)`` float32."""
         x = np.ascontiguousarray(windows, dtype=np.float32)

@@ -219,6 +219,8 @@ class SlotStore:
 
     def _save(self, st: dict[str, Any], state: SlotState, **extra: Any) -> dict[str, Any]:
         st = {**st, **extra, "state": state.value, "transition_count": st.get("transition_count", 0) + 1}
+        if state is S.COMMITTED and st.get("target"):
+            st["committed"] = dict(st["target"])  # what open_current() accepts at every start
         hist = list(st.get("history", []))[-19:]
         hist.append(
             {"state": state.value, "t": time.time(), **({"reason": extra["reason"]} if "reason" in extra else {})}
@@ -256,6 +258,36 @@ class SlotStore:
 
     def current_bundle(self) -> Bundle | None:
         return self.slot_bundle(self.current_slot())
+
+    def open_current(self) -> Bundle:
+        """The running bundle, checked the way a device start checks it.
+
+        The signature was verified when the bundle was installed; at start the runtime checks
+        that ``current`` is the bundle the last install *committed* (its manifest's sha256 is
+        recorded in ``state.json``), that every file still matches the manifest, and that it is
+        for this device. That needs only hashlib — the long-running process never loads the
+        signature library (≈ 13 MB of RSS).
+        """
+        from edgeglm.errors import DeviceMismatch, HashMismatch
+
+        bundle = self.current_bundle()
+        if bundle is None:
+            raise OtaError(f"{self.root} runs no model yet", hint="install one: edgeglm edge install BUNDLE (or flash)")
+        committed = (self.load_state().get("committed") or {}).get("bundle_id")
+        if committed != bundle.bundle_id:
+            raise HashMismatch(
+                f"slot {self.current_slot()} holds bundle {bundle.bundle_id[:16]}…, but the last committed install "
+                f"was {str(committed)[:16]}…: the slot was changed outside 'edgeglm edge install'",
+                hint="re-install the bundle with 'edgeglm edge install' (or flash it again)",
+            )
+        bundle.verify_files()
+        dev = self.device
+        if bundle.manifest.profile != dev.get("profile"):
+            raise DeviceMismatch(
+                f"current bundle is for {bundle.manifest.profile!r}, this device is {dev.get('profile')!r}",
+                hint="install a bundle built for this device",
+            )
+        return bundle
 
     def status(self) -> dict[str, Any]:
         """What runs and what the last install did (for ``edgeglm edge status`` and flash's checks)."""
@@ -304,8 +336,8 @@ class SlotStore:
         bundle = Bundle.open(bundle_path)
         cur = self.current_bundle()
         if cur is not None and cur.bundle_id == bundle.bundle_id:
-            return InstallResult(
-                self.load_state_enum(),
+            return InstallResult(  # nothing to do: the running model is this bundle, committed
+                S.COMMITTED,
                 self.current_slot(),
                 bundle.bundle_id,
                 bundle.manifest.version,

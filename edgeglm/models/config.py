@@ -68,6 +68,11 @@ class STGNNConfig(ModelConfig):
         embed_dim: node embedding size of the adaptive adjacency (default: 8).
         head_hidden: hidden units of the regression head (default: 64).
         dropout: dropout before the head (default: 0.1).
+        temporal_channels: gated temporal-conv output channels per block, one entry per block;
+            empty means ``channels`` everywhere (default: empty). Structured pruning narrows
+            them, each block by its own amount.
+        readout_channels: output channels of the temporal read-out; None means ``channels``
+            (default: None). Also set by structured pruning.
     """
 
     kind: ClassVar[str] = "stgnn"
@@ -78,6 +83,8 @@ class STGNNConfig(ModelConfig):
     embed_dim: int = 8
     head_hidden: int = 64
     dropout: float = 0.1
+    temporal_channels: tuple[int, ...] = ()
+    readout_channels: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -87,6 +94,15 @@ class STGNNConfig(ModelConfig):
                 raise ConfigError(f"stgnn: {name} must be ≥ 1, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"stgnn: dropout must be in [0, 1), got {self.dropout}")
+        object.__setattr__(self, "temporal_channels", tuple(int(c) for c in self.temporal_channels))
+        if self.temporal_channels and (len(self.temporal_channels) != self.blocks or min(self.temporal_channels) < 1):
+            raise ConfigError(
+                f"stgnn: temporal_channels {list(self.temporal_channels)} must hold {self.blocks} widths ≥ 1 "
+                "(one per block)",
+                hint="leave it empty for `channels` in every block",
+            )
+        if self.readout_channels is not None and self.readout_channels < 1:
+            raise ConfigError(f"stgnn: readout_channels must be ≥ 1, got {self.readout_channels}")
         if self.receptive_field > self.window:
             raise ConfigError(
                 f"stgnn: receptive field {self.receptive_field} (kernel_size={self.kernel_size}, "
@@ -98,6 +114,26 @@ class STGNNConfig(ModelConfig):
     def receptive_field(self) -> int:
         return 1 + (self.kernel_size - 1) * (2**self.blocks - 1)
 
+    def to_dict(self) -> dict[str, Any]:
+        """As :meth:`ModelConfig.to_dict`; the pruning widths only when set, so the model.json of an
+        unpruned STGNN stays what EdgeGLM versions before them read."""
+        d = super().to_dict()
+        if not self.temporal_channels:
+            del d["temporal_channels"]
+        if self.readout_channels is None:
+            del d["readout_channels"]
+        return d
+
+    @property
+    def block_widths(self) -> tuple[int, ...]:
+        """Gated temporal-conv output channels of each block."""
+        return self.temporal_channels or (self.channels,) * self.blocks
+
+    @property
+    def readout_width(self) -> int:
+        """Output channels of the temporal read-out."""
+        return self.channels if self.readout_channels is None else self.readout_channels
+
 
 @dataclass(frozen=True)
 class MLPConfig(ModelConfig):
@@ -106,11 +142,17 @@ class MLPConfig(ModelConfig):
     Args:
         hidden: widths of the hidden layers (default: (128, 64)).
         dropout: dropout between layers (default: 0.1).
+        temporal: 0 (default) flattens the window; ``k > 0`` first maps each sensor's series of
+            ``window`` readings to ``k`` learned temporal features with one linear map shared
+            by all sensors, so the first hidden layer sees ``nodes·k`` inputs instead of
+            ``nodes·window`` (on FD001, 14·30 = 420 → 14·k): most of a flat MLP's weights
+            sit in that first layer.
     """
 
     kind: ClassVar[str] = "mlp"
     hidden: tuple[int, ...] = field(default=(128, 64))
     dropout: float = 0.1
+    temporal: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -119,6 +161,8 @@ class MLPConfig(ModelConfig):
             raise ConfigError(f"mlp: hidden must be a non-empty list of widths ≥ 1, got {list(self.hidden)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"mlp: dropout must be in [0, 1), got {self.dropout}")
+        if not 0 <= self.temporal <= self.window:
+            raise ConfigError(f"mlp: temporal must be in 0..window ({self.window}), got {self.temporal}")
 
 
 _CONFIGS: dict[str, type[ModelConfig]] = {c.kind: c for c in (STGNNConfig, MLPConfig)}
@@ -143,6 +187,7 @@ def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
     unknown = sorted(set(d) - fields)
     if unknown:
         raise ConfigError(f"{kind}: unknown model config keys {unknown}; valid keys: {sorted(fields)}")
-    if "hidden" in d:
-        d["hidden"] = tuple(d["hidden"])
+    for key in ("hidden", "temporal_channels"):
+        if key in d:
+            d[key] = tuple(d[key])
     return cls(**d)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -36,10 +38,10 @@ class TemporalConv(nn.Module):
 
 
 class _Block(nn.Module):
-    def __init__(self, channels: int, kernel_size: int, dilation: int, supports: int) -> None:
+    def __init__(self, channels: int, width: int, kernel_size: int, dilation: int, supports: int) -> None:
         super().__init__()
-        self.temporal = TemporalConv(channels, channels, kernel_size, dilation)
-        self.graph = nn.ModuleList(DenseGraphConv(channels, channels) for _ in range(supports))
+        self.temporal = TemporalConv(channels, width, kernel_size, dilation)
+        self.graph = nn.ModuleList(DenseGraphConv(width, channels) for _ in range(supports))
         self.norm = nn.BatchNorm2d(channels)
         self.shrink = (kernel_size - 1) * dilation
 
@@ -88,13 +90,16 @@ class STGNN(nn.Module):
             self.emb_dst = nn.Parameter(torch.randn(n, config.embed_dim) * 0.1)
         supports = 2 if mode is GraphMode.BOTH else 1
         self.inp = nn.Conv2d(1, c, kernel_size=1)
-        self.blocks = nn.ModuleList(_Block(c, config.kernel_size, 2**b, supports) for b in range(config.blocks))
+        self.blocks = nn.ModuleList(
+            _Block(c, w, config.kernel_size, 2**b, supports) for b, w in enumerate(config.block_widths)
+        )
         remaining = config.window - (config.receptive_field - 1)
-        self.readout = nn.Conv2d(c, c, kernel_size=(remaining, 1))
+        r = config.readout_width
+        self.readout = nn.Conv2d(c, r, kernel_size=(remaining, 1))
         self.head = nn.Sequential(
             nn.Flatten(),
             nn.Dropout(config.dropout),
-            nn.Linear(c * n, config.head_hidden),
+            nn.Linear(r * n, config.head_hidden),
             nn.ReLU(),
             nn.Linear(config.head_hidden, 1),
         )
@@ -112,8 +117,26 @@ class STGNN(nn.Module):
             return [self.adj, self.adaptive_adjacency()]
         return [self.adj]
 
+    def layer_config(self) -> STGNNConfig:
+        """The config of this model's current layer widths.
+
+        Structured pruning removes channels from the layers, not from :attr:`config`; this
+        reads the widths back (residual stream, each block's gated conv, read-out, head), so
+        ``STGNN(model.layer_config())`` rebuilds a model the pruned weights load into.
+        """
+        c = self.inp.out_channels
+        temporal = tuple(block.temporal.conv.out_channels // 2 for block in self.blocks)
+        readout = self.readout.out_channels
+        return replace(
+            self.config,
+            channels=c,
+            temporal_channels=() if set(temporal) == {c} else temporal,  # unpruned: the plain config
+            readout_channels=None if readout == c else readout,
+            head_hidden=self.head[-1].in_features,
+        )
+
     def features(self, x: Tensor) -> Tensor:
-        """Per-node features after the read-out, ``(batch, channels, 1, nodes)`` (distillation hints)."""
+        """Per-node features after the read-out, ``(batch, readout_channels, 1, nodes)`` (distillation hints)."""
         h = self.inp(x.unsqueeze(1))  # (B, 1, T, N) → (B, C, T, N)
         adjs = self.supports()
         for block in self.blocks:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
+import torch
 
+from edgeglm.checkpoint import load_checkpoint, load_model
 from edgeglm.cli import main
 from edgeglm.compress.pipeline import compress_checkpoint
 from edgeglm.compress.recipe import parse_recipe
@@ -78,6 +81,11 @@ def test_compress_runs_every_stage_and_writes_the_report(checkpoint: Path, tmp_p
         assert (out / name).stat().st_size > 0, name
     md = (out / "report.md").read_text()
     assert "| int8 | quantize |" in md and "scratch" in json.dumps(report["stages"][1]["record"])
+    # the last torch stage (the pruned student) is kept for LiteRT, with its pruned widths in model.json
+    torch_model = load_checkpoint(out / "torch_model")
+    assert torch_model.model_config.kind == "mlp" and torch_model.metrics["stage"] == "pruned"
+    assert sum(torch_model.model_config.hidden) < 32 + 16
+    assert load_model(torch_model)(torch.from_numpy(np.load(out / "golden_windows.npy"))).shape == (8, 1)
 
 
 def test_recipe_for_another_model_kind_is_refused(checkpoint: Path, tmp_path: Path) -> None:

@@ -13,7 +13,14 @@ from torch import nn
 from edgeglm.compress.passes import PassContext, PassResult, Stage, config_from_table, run_pass
 from edgeglm.compress.prune import Importance, PruneConfig, PruneMode
 from edgeglm.errors import ConfigError
-from edgeglm.models import MLPConfig, STGNNConfig, TemporalConv, build_model, count_parameters
+from edgeglm.models import (
+    MLPConfig,
+    STGNNConfig,
+    TemporalConv,
+    build_model,
+    count_parameters,
+    model_config_from_dict,
+)
 from edgeglm.training import Prepared, TrainConfig, fit
 
 WINDOW = 16
@@ -32,6 +39,16 @@ def teacher(prepared: Prepared) -> nn.Module:
 
 def _ctx(prepared: Prepared, teacher: nn.Module, workdir: Path) -> PassContext:
     return PassContext(prepared=prepared, teacher=teacher, workdir=workdir, progress=False, threads=1)
+
+
+def _assert_rebuilds_from_config(pruned: nn.Module, prepared: Prepared) -> None:
+    """``layer_config()`` holds every pruned width: a fresh model from it loads the weights, same outputs."""
+    config = model_config_from_dict(pruned.layer_config().to_dict())
+    rebuilt = build_model(config, prepared.graph.normalized())
+    rebuilt.load_state_dict(pruned.state_dict())
+    x = torch.from_numpy(prepared.val.x[:8])
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(x), pruned.eval()(x), rtol=0, atol=0)
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +71,11 @@ def test_structured_prune_removes_the_asked_share(structured: PassResult, teache
         assert channels[name][1] < channels[name][0], name
     assert channels["head.4"] == [1, 1]
     assert teacher.blocks[0].temporal.conv.out_channels == 32  # the input stage is untouched
+    assert teacher.layer_config() == teacher.config  # unpruned: the config it was built from
+
+
+def test_structured_pruned_stgnn_rebuilds_from_its_layer_config(structured: PassResult, prepared: Prepared) -> None:
+    _assert_rebuilds_from_config(structured.stage.torch_model, prepared)
 
 
 def test_structured_prune_keeps_gate_halves_paired(structured: PassResult, teacher: nn.Module) -> None:
@@ -120,6 +142,8 @@ def test_structured_global_prune_of_an_adaptive_graph_stgnn(prepared: Prepared, 
     assert abs(result.record["params_removed_ratio"] - 0.4) <= 0.05
     assert torch.equal(pruned.emb_src, model.emb_src)  # node embeddings are not channels
     assert pruned(torch.from_numpy(prepared.val.x[:4])).shape == (4, 1)
+    assert len(set(pruned.layer_config().block_widths)) > 1  # global ranking: blocks lose different amounts
+    _assert_rebuilds_from_config(pruned, prepared)
 
 
 def test_structured_prune_of_an_mlp(prepared: Prepared, tmp_path: Path) -> None:
@@ -130,6 +154,7 @@ def test_structured_prune_of_an_mlp(prepared: Prepared, tmp_path: Path) -> None:
     assert abs(result.record["params_removed_ratio"] - 0.3) <= 0.05
     assert result.record["channels"]["body.1"][1] < 64  # hidden units removed …
     assert result.record["channels"]["out"] == [1, 1]  # … never the output
+    _assert_rebuilds_from_config(result.stage.torch_model, prepared)
 
 
 def test_unstructured_sparsity_is_exact(prepared: Prepared, teacher: nn.Module, tmp_path: Path) -> None:

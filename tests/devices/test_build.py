@@ -187,9 +187,14 @@ def test_build_errors_say_what_to_do(compressed_dir, signing_key, tmp_path):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("litert_torch") is not None, reason="the litert extra is installed")
-def test_litert_profile_without_the_extra_says_how_to_install(compressed_dir, signing_key):
-    with pytest.raises(Exception, match=r"edgeglm\[litert\]"):
-        build_bundle(compressed_dir, load_profile("raspberry-pi-5"), signing_key[0], backends=("litert",))
+@pytest.mark.parametrize(
+    ("profile", "backends"),
+    [("raspberry-pi-4", None), ("raspberry-pi-5", ("litert",))],  # LiteRT first by profile / by choice
+)
+def test_litert_profile_without_the_extra_says_how_to_install(compressed_dir, signing_key, profile, backends):
+    with pytest.raises(ConfigError, match=r"litert-torch .* not installed") as err:
+        build_bundle(compressed_dir, load_profile(profile), signing_key[0], backends=backends)
+    assert "pip install 'edgeglm[litert]'" in err.value.hint and "--backends onnxruntime" in err.value.hint
 
 
 def test_cli_keygen_build_inspect_verify(compressed_dir, tmp_path, capsys):

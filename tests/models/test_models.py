@@ -82,6 +82,18 @@ def test_config_validation_and_round_trip() -> None:
         model_config_from_dict({**_configs()[0].to_dict(), "heads": 4})
 
 
+def test_pruned_widths_are_config_fields_written_only_when_set() -> None:
+    plain = STGNNConfig(num_nodes=N, window=T, channels=8, blocks=2)
+    assert "temporal_channels" not in plain.to_dict() and "readout_channels" not in plain.to_dict()
+    narrow = STGNNConfig(num_nodes=N, window=T, channels=8, blocks=2, temporal_channels=(3, 5), readout_channels=6)
+    assert model_config_from_dict(narrow.to_dict()) == narrow
+    model = build_model(narrow, GRAPH.normalized())
+    assert [b.temporal.out_channels for b in model.blocks] == [3, 5] and model.readout.out_channels == 6
+    assert model.layer_config() == narrow and build_model(plain, GRAPH.normalized()).layer_config() == plain
+    with pytest.raises(ConfigError, match="must hold 2 widths"):
+        STGNNConfig(num_nodes=N, window=T, channels=8, blocks=2, temporal_channels=(3,))
+
+
 @pytest.mark.parametrize(
     "config", _configs()[::2] + _configs()[1:2], ids=lambda c: f"{c.kind}-{getattr(c, 'graph', '')}"
 )

@@ -1,31 +1,44 @@
-"""The engine (verify + backend + health check) and backend selection (edgeglm.runtime)."""
+"""The engine (verify + backend + health check) and backend selection (edgeglm.runtime).
+
+Runs in a runtime-only venv too: the bundles come from the ``runtime_fixtures`` fixture, built for
+this machine's generic profile (see ``tests/runtime_fixtures.py``).
+"""
 
 from __future__ import annotations
 
 import json
+import platform
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from edgeglm.devices.build import build_bundle
 from edgeglm.devices.profile import load_profile
 from edgeglm.errors import BackendUnavailable, ConfigError, DeviceMismatch
 from edgeglm.runtime.backends.base import available_backends, select_backend
 from edgeglm.runtime.backends.trt import TrtSettings, engine_cache_key, read_trt_settings
 from edgeglm.runtime.engine import Engine
 
+#: The architecture a bundle for this machine is *not* for.
+FOREIGN_ARCH = "x86_64" if platform.machine() in ("aarch64", "arm64") else "aarch64"
+
 
 @pytest.fixture(scope="module")
-def bundle_file(compressed_dir, signing_key, tmp_path_factory):
-    b = build_bundle(compressed_dir, load_profile("generic-x86_64"), signing_key[0], backends=("onnxruntime",))
-    return b.write(tmp_path_factory.mktemp("b") / "m.eglm")
+def bundle_file(runtime_fixtures):
+    """A single-file v1 bundle for this machine's generic profile (ONNX Runtime only)."""
+    return runtime_fixtures.bundles["1"]
 
 
-def test_engine_reproduces_the_golden_outputs(bundle_file, signing_key):
-    with Engine.open(bundle_file, public_key=signing_key[1], device="generic-x86_64") as eng:
-        assert eng.backend_name == "onnxruntime" and eng.threads == load_profile("generic-x86_64").threads
+@pytest.fixture(scope="module")
+def device(runtime_fixtures) -> str:
+    return runtime_fixtures.profile
+
+
+def test_engine_reproduces_the_golden_outputs(bundle_file, signing_key, device):
+    with Engine.open(bundle_file, public_key=signing_key[1], device=device) as eng:
+        assert eng.backend_name == "onnxruntime" and eng.threads == load_profile(device).threads
+        assert eng.manifest.profile == device and eng.manifest.arch == platform.machine()
         inputs, outputs = eng.manifest.golden()
         got = eng.infer(inputs["window"])
         np.testing.assert_allclose(got, outputs["rul"].reshape(-1), atol=1e-5)
@@ -42,8 +55,8 @@ def test_engine_refuses_unverified_or_foreign_bundles(bundle_file, signing_key):
         Engine.open(bundle_file)
     with pytest.raises(DeviceMismatch, match="this device is 'raspberry-pi-5'"):
         Engine.open(bundle_file, public_key=signing_key[1], device="raspberry-pi-5")
-    with pytest.raises(DeviceMismatch, match="this device is aarch64"):
-        Engine.open(bundle_file, public_key=signing_key[1], arch="aarch64")
+    with pytest.raises(DeviceMismatch, match=f"this device is {FOREIGN_ARCH}"):
+        Engine.open(bundle_file, public_key=signing_key[1], arch=FOREIGN_ARCH)
 
 
 def test_unavailable_backend_lists_what_is_there():

@@ -1,4 +1,8 @@
-"""The A/B slot store and its persisted install state machine (edgeglm.runtime.slots)."""
+"""The A/B slot store and its persisted install state machine (edgeglm.runtime.slots).
+
+Runs in a runtime-only venv too: the bundles come from the ``runtime_fixtures`` fixture, built for
+this machine's generic profile (see ``tests/runtime_fixtures.py``).
+"""
 
 from __future__ import annotations
 
@@ -9,48 +13,33 @@ import sys
 
 import numpy as np
 import pytest
+from runtime_fixtures import host_profile
 
-from edgeglm.bundle import Bundle, canonical_json, encode_array
-from edgeglm.devices.build import build_bundle
-from edgeglm.devices.profile import load_profile
+from edgeglm.bundle import Bundle
 from edgeglm.errors import OtaError
 from edgeglm.runtime.slots import TRANSITIONS, SlotEvent, SlotState, SlotStore, step
-from edgeglm.signing import load_private_key, sign
 
-X86 = "generic-x86_64"
+#: This machine's generic profile: the bundles are built for it, the stores are provisioned as it.
+PROFILE = host_profile()
 
 
 @pytest.fixture(scope="module")
-def bundles(compressed_dir, signing_key, tmp_path_factory):
-    """v1, v2 (single files) and a v3 whose golden outputs are wrong but properly signed."""
-    out = tmp_path_factory.mktemp("bundles")
-    paths = {}
-    for v in ("1", "2", "3"):
-        b = build_bundle(compressed_dir, load_profile(X86), signing_key[0], version=v, backends=("onnxruntime",))
-        paths[v] = b.write(out / f"v{v}.eglm")
-    bad = Bundle.open(paths["3"])
-    doc = json.loads(bad.manifest_bytes)
-    _, outs = bad.manifest.golden()
-    doc["golden"]["outputs"] = {k: encode_array(v + 50.0) for k, v in outs.items()}
-    raw = canonical_json(doc)
-    bad_dir = out / "v3-bad-golden"
-    bad.extract(bad_dir)
-    (bad_dir / "manifest.json").write_bytes(raw)
-    (bad_dir / "signature").write_bytes(sign(raw, load_private_key(signing_key[0])).to_bytes())
-    paths["bad"] = bad_dir
-    return paths
+def bundles(runtime_fixtures):
+    """v1, v2, v3 (single files) and ``bad``: a v3 folder whose golden outputs are wrong but properly signed."""
+    assert runtime_fixtures.profile == PROFILE
+    return runtime_fixtures.bundles
 
 
 def _store(tmp_path, signing_key) -> SlotStore:
     store = SlotStore(tmp_path / "root")
-    store.provision(profile=X86, trusted_key=signing_key[1].read_bytes())
+    store.provision(profile=PROFILE, trusted_key=signing_key[1].read_bytes())
     return store
 
 
 def _assert_current_verifies(store: SlotStore, signing_key) -> Bundle:
     cur = store.current_bundle()
     assert cur is not None
-    cur.verify(signing_key[1], device=X86)
+    cur.verify(signing_key[1], device=PROFILE)
     return cur
 
 
@@ -104,10 +93,10 @@ def test_wrong_profile_or_other_key_cannot_reprovision(tmp_path, signing_key):
     store = _store(tmp_path, signing_key)
     from edgeglm.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="provisioned as 'generic-x86_64'"):
+    with pytest.raises(ConfigError, match=f"provisioned as '{PROFILE}'"):
         store.provision(profile="raspberry-pi-5")
     with pytest.raises(ConfigError, match="trusts another signing key"):
-        store.provision(profile=X86, trusted_key=b"other")
+        store.provision(profile=PROFILE, trusted_key=b"other")
 
 
 def test_transition_table_is_closed():
@@ -178,7 +167,7 @@ def test_cli_install_status_rollback(tmp_path, signing_key, bundles, capsys):
                 "--root",
                 str(root),
                 "--provision",
-                X86,
+                PROFILE,
                 "--pubkey",
                 str(signing_key[1]),
             ]
@@ -193,4 +182,4 @@ def test_cli_install_status_rollback(tmp_path, signing_key, bundles, capsys):
     assert st["current"]["version"] == "1" and st["state"] == "rolled_back"
     assert main(["edge", "install", str(bundles["bad"]), "--root", str(root)]) == 40
     assert "health check" in capsys.readouterr().err
-    np.testing.assert_equal(st["device"]["profile"], X86)
+    np.testing.assert_equal(st["device"]["profile"], PROFILE)
