@@ -25,9 +25,9 @@
 # Needs: root, mmdebstrap, arch-test, qemu-user-static, binfmt-support, zstd (.ci/run installs them).
 set -euo pipefail
 
-ROOT_VERSION=2
+ROOT_VERSION=3
 SUITE=bookworm
-PACKAGES=python3,python3-venv,ca-certificates,libstdc++6  # onnxruntime needs libstdc++
+PACKAGES=python3,python3-venv,ca-certificates,libstdc++6,mosquitto  # ORT needs libstdc++; MQTT tests a broker
 MIRRORS=(
   "deb http://deb.debian.org/debian $SUITE main"
   "deb http://deb.debian.org/debian $SUITE-updates main"

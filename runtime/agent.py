@@ -112,6 +112,7 @@ class Agent:
         self._reconnected = threading.Event()
         self._sent_upto = self.outbox.acked_seq
         self._inflight: list[int] = []  # last seq of each envelope published and not yet acknowledged
+        self._gaps_sent: set[int] = set()  # gap records sent ahead of the stream on this connection
         self._last_ack_progress = time.monotonic()
         self._client = self._make_client() if config.sync.enabled else None
         self.metrics_server = None
@@ -261,10 +262,15 @@ class Agent:
             or len(self._rows_buf) >= s.rows_per_record
             or time.monotonic() - self._buf_started >= s.flush_interval_s
         ):
-            body = {"cols": ["stream", "t", "rul", "health"], "rows": self._rows_buf, "model": self.model}
+            n = s.rows_per_record  # a record holds at most this many rows
+            cols = ["stream", "t", "rul", "health"]
+            items = [
+                (Kind.PREDICTIONS, {"cols": cols, "rows": self._rows_buf[i : i + n], "model": self.model})
+                for i in range(0, len(self._rows_buf), n)
+            ]
             self._rows_buf = []
             self._buf_started = time.monotonic()
-            self._append([(Kind.PREDICTIONS, body)])
+            self._append(items)
 
     def _health(self, *, force: bool = False) -> None:
         now = time.monotonic()
@@ -310,13 +316,23 @@ class Agent:
             self._reconnected.clear()
             self._sent_upto = self.outbox.acked_seq
             self._inflight = []
+            self._gaps_sent = set()
         if not self._connected.is_set():
             return
         if self._inflight and time.monotonic() - self._last_ack_progress > s.ack_timeout_s:
             self.stats.retransmits += 1
             self._sent_upto = self.outbox.acked_seq
             self._inflight = []
+            self._gaps_sent.clear()
             self._last_ack_progress = time.monotonic()
+        # Gap records first: each covers evicted seqs below its own, and the cloud's high-water
+        # mark cannot pass those until it has the gap (outside the in-flight window; they are few).
+        gaps = [g for g in self.outbox.pending(kinds=(Kind.GAP,), limit=64) if g.seq not in self._gaps_sent]
+        if gaps:
+            payload = Envelope(self.node, self.outbox.inc, self.outbox.boot, tuple(gaps)).to_bytes(s.encoding)
+            if self._client.publish(self.topics.telemetry, payload, qos=1).rc == 0:
+                self._gaps_sent.update(g.seq for g in gaps)
+                self.stats.bytes_sent += len(payload)
         while len(self._inflight) < s.inflight:
             recs = self.outbox.pending(
                 after_seq=max(self._sent_upto, self.outbox.acked_seq), limit=s.records_per_publish

@@ -401,18 +401,26 @@ class Outbox:
 
     # ----------------------------------------------------------------- reading
 
-    def pending(self, *, after_seq: int = 0, limit: int = 256, max_bytes: int = 200_000) -> list[Record]:
-        """Unacknowledged records with ``seq > after_seq``, oldest first.
+    def pending(
+        self, *, after_seq: int = 0, limit: int = 256, max_bytes: int = 200_000, kinds: Sequence[Kind] | None = None
+    ) -> list[Record]:
+        """Unacknowledged records with ``seq > after_seq``, oldest first (only ``kinds`` if given).
 
         At most ``limit`` records, and stops before the body bytes would pass ``max_bytes``
-        (always at least one record if there is one).
+        (always at least one record if there is one). The agent sends pending GAP records
+        ahead of the stream (``kinds=(Kind.GAP,)``): a gap covers seqs *below* its own, and
+        the cloud's high-water mark cannot pass an evicted seq until it has the gap.
         """
+        where, params = "seq > ?", [max(after_seq, self._m["acked_seq"])]
+        if kinds:
+            where += " AND kind IN ({})".format(", ".join("?" * len(kinds)))
+            params += [k.value for k in kinds]
         with self._lock:
             rows = (
                 self._conn()
                 .execute(
-                    "SELECT seq, kind, t, body, nbytes FROM records WHERE seq > ? ORDER BY seq LIMIT ?",
-                    (max(after_seq, self._m["acked_seq"]), max(limit, 1)),
+                    f"SELECT seq, kind, t, body, nbytes FROM records WHERE {where} ORDER BY seq LIMIT ?",
+                    (*params, max(limit, 1)),
                 )
                 .fetchall()
             )

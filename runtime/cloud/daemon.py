@@ -9,8 +9,8 @@ The ack (QoS 1, not retained) carries the incarnation's high-water mark (see
 :mod:`edgeglm.runtime.cloud.store`), never just "got it": the edge deletes up to that seq.
 Anything that is not a valid envelope of the topic's node is *garbage*: it is logged, counted
 by :class:`Rejection` reason, and neither stored nor acknowledged; the daemon keeps running.
-The retained ``…/status`` topic (``online`` / ``offline``, the node's last will) updates the
-fleet view.
+The retained ``…/status`` topic (``{"state": "online" | "stopped"}`` from the agent, ``offline``
+as its last will) updates the fleet view.
 
 Scale-out: telemetry and alarms are subscribed through a shared subscription
 (``$share/{share_group}/edgeglm/v1/+/telemetry``), so the broker hands each message to one
@@ -78,7 +78,7 @@ class Rejection(str, Enum):
     SCHEMA = "schema"  # decodes, but is not a valid envelope
     NODE_MISMATCH = "node_mismatch"  # the envelope's node is not the topic's node
     RECORD = "record"  # a record the store refuses (bad gap ranges, non-JSON body, non-finite t)
-    STATUS = "status"  # a status payload other than online/offline
+    STATUS = "status"  # a status payload other than online/offline/stopped, or of another node
 
 
 def _check(cond: bool, key: str, value: Any, valid: str, hint: str) -> None:
@@ -433,20 +433,23 @@ def _classify(data: bytes, exc: ProtocolError) -> Rejection:
     return Rejection.SCHEMA
 
 
-def _parse_status(payload: bytes) -> NodeStatus:
+def _parse_status(node: str, payload: bytes) -> NodeStatus:
+    """The agent's ``{"state": "online" | "offline" | "stopped", "node": …}`` (or the bare word)."""
     text = payload.decode("utf-8", "replace").strip()
     if text.startswith("{"):
         try:
             doc = json.loads(text)
         except json.JSONDecodeError:
             doc = None
-        text = str(doc.get("status", doc.get("state", ""))) if isinstance(doc, dict) else ""
+        if isinstance(doc, dict) and doc.get("node", node) != node:
+            raise _Rejected(Rejection.STATUS, f"status of node {doc.get('node')!r} on the topic of node {node!r}")
+        text = str(doc.get("state", "")) if isinstance(doc, dict) else ""
     try:
         status = NodeStatus(text.lower())
     except ValueError:
         status = NodeStatus.UNKNOWN
     if status is NodeStatus.UNKNOWN:
-        raise _Rejected(Rejection.STATUS, f"status payload {payload[:40]!r} is neither online nor offline")
+        raise _Rejected(Rejection.STATUS, f"status payload {payload[:60]!r} is not online, offline or stopped")
     return status
 
 
@@ -628,7 +631,7 @@ class CloudDaemon:
             raise _Rejected(Rejection.TOPIC, exc.message) from None
         if what == "status":
             if payload:  # an empty retained message clears the topic: nothing to record
-                self._store_required().set_node_status(node, _parse_status(payload), time.time())
+                self._store_required().set_node_status(node, _parse_status(node, payload), time.time())
                 self._count("status_updates")
             return
         if what not in ("telemetry", "alarm"):

@@ -79,10 +79,15 @@ T = TypeVar("T")
 
 
 class NodeStatus(str, Enum):
-    """A node's connection state from its retained ``status`` topic (last will ``offline``)."""
+    """A node's connection state from its retained ``status`` topic.
+
+    The agent publishes ``online`` on connect and ``stopped`` on a clean shutdown; the broker
+    publishes its last will ``offline`` when the connection is lost. ``unknown``: never heard.
+    """
 
     ONLINE = "online"
     OFFLINE = "offline"
+    STOPPED = "stopped"
     UNKNOWN = "unknown"
 
 

@@ -13,7 +13,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,12 +21,11 @@ from pathlib import Path
 
 import pytest
 from runtime_fixtures import host_profile
+from sshd_server import SSH_KEYGEN, SSHD, SshdError, SshServer, keygen, start_sshd
 
 from edgeglm.bundle import Bundle, Manifest, canonical_json, decode_array, encode_array
 from edgeglm.errors import BundleError, FlashError
 
-SSHD = Path("/usr/sbin/sshd")
-SSH_KEYGEN = Path("/usr/bin/ssh-keygen")
 EDGEGLM = Path(sys.executable).with_name("edgeglm")
 #: The device-side command (sshd's PATH has no venv, so the absolute path).
 REMOTE_EDGEGLM = EDGEGLM
@@ -45,63 +43,15 @@ flash_mod = pytest.importorskip("edgeglm.devices.flash", reason="edgeglm flash n
 # --- the SSH server ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class SshServer:
-    port: int
-    user_key: Path
-    host_key_line: str  # "[127.0.0.1]:PORT ssh-ed25519 AAAA…", as known_hosts holds it
-    folder: Path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _keygen(path: Path) -> None:
-    subprocess.run([str(SSH_KEYGEN), "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
-
-
 @pytest.fixture(scope="module")
 def sshd(tmp_path_factory: pytest.TempPathFactory):
     """A real ``sshd -D -e`` on 127.0.0.1, key-only auth, stopped by PID at the end."""
-    privsep = Path("/run/sshd")  # sshd refuses to start without its privilege separation folder
-    if not privsep.is_dir():
-        if os.geteuid() != 0:
-            pytest.skip("sshd needs /run/sshd, which is missing and cannot be created without root")
-        privsep.mkdir(mode=0o755, parents=True)
-    folder = tmp_path_factory.mktemp("sshd")
-    _keygen(folder / "host_key")
-    _keygen(folder / "user_key")
-    (folder / "authorized_keys").write_text((folder / "user_key.pub").read_text())
-    port = _free_port()
-    config = folder / "sshd_config"
-    config.write_text(
-        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {folder / 'host_key'}\n"
-        f"AuthorizedKeysFile {folder / 'authorized_keys'}\nPidFile {folder / 'sshd.pid'}\n"
-        "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
-        "PermitRootLogin prohibit-password\nSubsystem sftp internal-sftp\nMaxStartups 50\nMaxSessions 50\n"
-    )
-    log = open(folder / "sshd.log", "wb")  # noqa: SIM115 - closed at teardown
-    proc = subprocess.Popen([str(SSHD), "-D", "-e", "-f", str(config)], stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 15
-    while True:
-        if proc.poll() is not None:
-            log.close()
-            pytest.fail(f"sshd exited ({proc.returncode}): {(folder / 'sshd.log').read_text()}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline:
-                pytest.fail(f"sshd did not accept connections on port {port}")
-            time.sleep(0.05)
-    algorithm, blob = (folder / "host_key.pub").read_text().split()[:2]
-    yield SshServer(port, folder / "user_key", f"[127.0.0.1]:{port} {algorithm} {blob}", folder)
-    os.kill(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=10)
-    log.close()
+    try:
+        server = start_sshd(tmp_path_factory.mktemp("sshd"))
+    except SshdError as exc:
+        pytest.skip(str(exc))
+    yield server
+    server.stop()
 
 
 @pytest.fixture
@@ -230,7 +180,7 @@ def test_unknown_host_key_is_refused_unless_accepted(sshd: SshServer, bundles: B
 
 
 def test_changed_host_key_is_refused_even_with_accept(sshd: SshServer, bundles: Bundles, tmp_path: Path) -> None:
-    _keygen(tmp_path / "impostor")
+    keygen(tmp_path / "impostor")
     algorithm, blob = (tmp_path / "impostor.pub").read_text().split()[:2]
     known_hosts = tmp_path / "known_hosts"
     known_hosts.write_text(f"[127.0.0.1]:{sshd.port} {algorithm} {blob}\n")
