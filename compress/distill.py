@@ -123,8 +123,10 @@ class DistillConfig(PassConfig):
                 hint="channels/blocks/head_hidden size an STGNN student; size the mlp with hidden = [...]",
             )
         if self.student is Student.STGNN_SMALL and self.temporal is not None:
-            raise ConfigError("[distill] temporal set for the stgnn-small student",
-                              hint="temporal factorizes the mlp student's input; the STGNN has temporal convolutions")
+            raise ConfigError(
+                "[distill] temporal set for the stgnn-small student",
+                hint="temporal factorizes the mlp student's input; the STGNN has temporal convolutions",
+            )
         if self.student is Student.STGNN_SMALL and self.hidden is not None:
             raise ConfigError(
                 "[distill] hidden set for the stgnn-small student",

@@ -77,9 +77,7 @@ def parse_recipe(text: str, *, source: Path | None = None) -> Recipe:
         raise ConfigError(f"{where}: recipe schema_version {version}; this EdgeGLM reads {SCHEMA_VERSION}")
     tables = doc.get("pass", [])
     if not isinstance(tables, list) or not tables:
-        raise ConfigError(
-            f"{where}: no passes; add [[pass]] tables with kind = one of {', '.join(known_kinds())}"
-        )
+        raise ConfigError(f"{where}: no passes; add [[pass]] tables with kind = one of {', '.join(known_kinds())}")
     passes = []
     for i, table in enumerate(tables, start=1):
         kind = table.get("kind")
@@ -90,8 +88,12 @@ def parse_recipe(text: str, *, source: Path | None = None) -> Recipe:
         except ConfigError as exc:
             raise ConfigError(f"{where}: pass #{i}: {exc.message}", hint=exc.hint) from exc
     model = header.get("model")
-    return Recipe(name=str(header.get("name", source.stem if source else "recipe")), passes=tuple(passes),
-                  model=model, source=source)
+    return Recipe(
+        name=str(header.get("name", source.stem if source else "recipe")),
+        passes=tuple(passes),
+        model=model,
+        source=source,
+    )
 
 
 def load_recipe(path: Path | str | None = None) -> Recipe:

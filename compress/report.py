@@ -39,8 +39,7 @@ def write_report(run: CompressionRun, *, data_name: str) -> None:
         f"Checkpoint `{run.checkpoint}`, recipe `{run.recipe.name}` "
         f"({' → '.join(p.kind for p in run.recipe.passes)}), {run.seconds:.0f} s.",
         "",
-        "| stage | pass | model | params | val RMSE | test RMSE | PHM08 score | size KiB | zstd KiB "
-        "| b1 µs | b64 ms |",
+        "| stage | pass | model | params | val RMSE | test RMSE | PHM08 score | size KiB | zstd KiB | b1 µs | b64 ms |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in run.stages:

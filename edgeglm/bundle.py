@@ -70,8 +70,6 @@ def canonical_json(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
-
-
 def encode_array(a: np.ndarray) -> dict[str, Any]:
     """An array as JSON, exactly: dtype, shape and little-endian bytes in base64."""
     a = np.ascontiguousarray(a)

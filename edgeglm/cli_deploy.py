@@ -225,46 +225,64 @@ def register(sub: argparse._SubParsersAction, devices_dir_help: str) -> None:
     p.set_defaults(func=_cmd_verify)
 
     p = sub.add_parser(
-        "flash", help="install a bundle on a device (or a fleet) over SSH, rolling back on any failure",
+        "flash",
+        help="install a bundle on a device (or a fleet) over SSH, rolling back on any failure",
         description="Copy a bundle to a device over SSH/SFTP (resuming an interrupted copy) and install it with "
-                    "the device's own 'edgeglm edge install': verify, inactive A/B slot, golden-input health check, "
-                    "atomic switch, restart of the edgeglm-edge unit (if any), commit. Before copying it checks "
-                    "the device profile and CPU architecture, the anti-downgrade sequence and free space "
-                    "(3 × the bundle); the bundle the device already runs is a no-op. Any failure puts the "
-                    "previous slot back and names the step that failed (exit code 41).\n\n"
-                    "The host key is checked against known_hosts: an unknown one is refused unless "
-                    "--accept-host-key (which records it), a changed one always.\n\n"
-                    "A fleet file (TOML) lists devices:\n"
-                    "  schema_version = 1\n"
-                    "  [[device]]\n"
-                    '  to = "root@10.0.0.7"          # user@host[:port]\n'
-                    '  identity = "keys/deploy"      # SSH key (relative to the fleet file)\n'
-                    "  port = 22                     # optional\n"
-                    '  device_root = "/opt/edgeglm"  # optional (default: --device-root)\n'
-                    '  remote_edgeglm = "/usr/local/bin/edgeglm"   # optional (default: --remote-edgeglm)\n'
-                    '  name = "press-07"             # optional label',
+        "the device's own 'edgeglm edge install': verify, inactive A/B slot, golden-input health check, "
+        "atomic switch, restart of the edgeglm-edge unit (if any), commit. Before copying it checks "
+        "the device profile and CPU architecture, the anti-downgrade sequence and free space "
+        "(3 × the bundle); the bundle the device already runs is a no-op. Any failure puts the "
+        "previous slot back and names the step that failed (exit code 41).\n\n"
+        "The host key is checked against known_hosts: an unknown one is refused unless "
+        "--accept-host-key (which records it), a changed one always.\n\n"
+        "A fleet file (TOML) lists devices:\n"
+        "  schema_version = 1\n"
+        "  [[device]]\n"
+        '  to = "root@10.0.0.7"          # user@host[:port]\n'
+        '  identity = "keys/deploy"      # SSH key (relative to the fleet file)\n'
+        "  port = 22                     # optional\n"
+        '  device_root = "/opt/edgeglm"  # optional (default: --device-root)\n'
+        '  remote_edgeglm = "/usr/local/bin/edgeglm"   # optional (default: --remote-edgeglm)\n'
+        '  name = "press-07"             # optional label',
         epilog="examples: edgeglm flash dist/fd001-orin.eglm --to root@10.0.0.7 --identity ~/.ssh/fleet \\\n"
-               "              --pubkey keys/fleet.key.pub        # first flash: provisions the device\n"
-               "          edgeglm flash dist/fd001-orin.eglm --fleet line-3.toml --parallel 8\n"
-               "          edgeglm flash dist/fd001-orin.eglm --to root@10.0.0.7 --identity KEY --dry-run",
-        formatter_class=_RAW)
+        "              --pubkey keys/fleet.key.pub        # first flash: provisions the device\n"
+        "          edgeglm flash dist/fd001-orin.eglm --fleet line-3.toml --parallel 8\n"
+        "          edgeglm flash dist/fd001-orin.eglm --to root@10.0.0.7 --identity KEY --dry-run",
+        formatter_class=_RAW,
+    )
     p.add_argument("bundle", type=Path, help="bundle file (.eglm) or folder (packed before the copy)")
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--to", metavar="USER@HOST[:PORT]", help="the device to flash")
     target.add_argument("--fleet", type=Path, metavar="FILE", help="TOML file listing devices (see above)")
     p.add_argument("--identity", type=Path, help="SSH private key to log in with (the only credential tried)")
     p.add_argument("--device-root", default="/opt/edgeglm", help="EdgeGLM root on the device (default: /opt/edgeglm)")
-    p.add_argument("--remote-edgeglm", default="edgeglm", metavar="PATH",
-                   help="the edgeglm command on the device (default: edgeglm on its PATH)")
+    p.add_argument(
+        "--remote-edgeglm",
+        default="edgeglm",
+        metavar="PATH",
+        help="the edgeglm command on the device (default: edgeglm on its PATH)",
+    )
     p.add_argument("--known-hosts", type=Path, metavar="FILE", help="known_hosts file (default: ~/.ssh/known_hosts)")
-    p.add_argument("--accept-host-key", action="store_true",
-                   help="trust an unknown host key and record it in known_hosts (never a changed one)")
+    p.add_argument(
+        "--accept-host-key",
+        action="store_true",
+        help="trust an unknown host key and record it in known_hosts (never a changed one)",
+    )
     p.add_argument("--dry-run", action="store_true", help="run the checks and print the plan; change nothing")
-    p.add_argument("--pubkey", type=Path, metavar="KEY.pub",
-                   help="public key a new device will trust (needed on its first flash); also verifies the bundle")
+    p.add_argument(
+        "--pubkey",
+        type=Path,
+        metavar="KEY.pub",
+        help="public key a new device will trust (needed on its first flash); also verifies the bundle",
+    )
     p.add_argument("--parallel", type=int, default=4, help="with --fleet: devices flashed at once (default: 4)")
     p.add_argument("--chunk-kib", type=float, default=256, help="SFTP write size in KiB (default: 256)")
     p.add_argument("--limit-kib-s", type=float, metavar="KIB_S", help="cap the copy rate (KiB/s), for thin links")
-    p.add_argument("--install-timeout", type=float, default=900.0, metavar="S",
-                   help="seconds 'edge install' may take (health check, TensorRT engine build) (default: 900)")
+    p.add_argument(
+        "--install-timeout",
+        type=float,
+        default=900.0,
+        metavar="S",
+        help="seconds 'edge install' may take (health check, TensorRT engine build) (default: 900)",
+    )
     p.set_defaults(func=_cmd_flash)

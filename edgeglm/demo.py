@@ -37,11 +37,15 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0) -> int:
     machines = meta.get("machines", [])
     console.print(f"[bold]EdgeGLM demo[/bold] — simulated factory line ({source})")
     if machines:
-        console.print("  line:    " + " → ".join(f"{m['name']} ({m['kind']})" if isinstance(m, dict) else str(m)
-                                                  for m in machines))
-    console.print(f"  data:    {len(dataset.train.units)} run-to-failure units ({len(dataset.train)} rows) for "
-                  f"training, {len(dataset.test.units)} truncated units for test; "
-                  f"{len(dataset.train.sensor_names)} sensors, {len(dataset.train.setting_names)} settings")
+        console.print(
+            "  line:    "
+            + " → ".join(f"{m['name']} ({m['kind']})" if isinstance(m, dict) else str(m) for m in machines)
+        )
+    console.print(
+        f"  data:    {len(dataset.train.units)} run-to-failure units ({len(dataset.train)} rows) for "
+        f"training, {len(dataset.test.units)} truncated units for test; "
+        f"{len(dataset.train.sensor_names)} sensors, {len(dataset.train.setting_names)} settings"
+    )
     dropouts = int(np.isnan(dataset.train.sensors).sum())
     console.print(f"  faults:  sensor dropouts in training data: {dropouts} readings (held at last value)")
 
@@ -54,14 +58,22 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0) -> int:
     prepared = prepare_from_checkpoint(ckpt, dataset)
     pred = predict(model, prepared.test.x)
     naive = rmse(np.full_like(prepared.test.y, prepared.train.y.mean()), prepared.test.y)
-    console.print(f"\n[bold]STGNN teacher[/bold]: {metrics['params']} parameters, best epoch "
-                  f"{metrics['best_epoch']} of {metrics['epochs_run']}, {metrics['train_seconds']:.0f} s")
-    console.print(f"  test RMSE {metrics['test_rmse']:.2f} cycles (PHM08 score {metrics['test_score']:.1f}) on "
-                  f"{metrics['test_units']} test units; predicting the mean RUL gives RMSE {naive:.2f}")
+    console.print(
+        f"\n[bold]STGNN teacher[/bold]: {metrics['params']} parameters, best epoch "
+        f"{metrics['best_epoch']} of {metrics['epochs_run']}, {metrics['train_seconds']:.0f} s"
+    )
+    console.print(
+        f"  test RMSE {metrics['test_rmse']:.2f} cycles (PHM08 score {metrics['test_score']:.1f}) on "
+        f"{metrics['test_units']} test units; predicting the mean RUL gives RMSE {naive:.2f}"
+    )
     order = np.argsort(prepared.test.y)
     pick = order[np.linspace(0, len(order) - 1, min(5, len(order))).astype(int)]
-    console.print("  sample:  " + ", ".join(
-        f"unit {prepared.test.unit[i]}: true {prepared.test.y[i]:.0f} / predicted {pred[i]:.0f}" for i in pick))
+    console.print(
+        "  sample:  "
+        + ", ".join(
+            f"unit {prepared.test.unit[i]}: true {prepared.test.y[i]:.0f} / predicted {pred[i]:.0f}" for i in pick
+        )
+    )
     console.print(f"\ncheckpoint: {ckpt.path}   (try: edgeglm evaluate {ckpt.path})")
     console.print(f"done in {time.perf_counter() - started:.0f} s")
     ok = bool(np.isfinite(metrics["test_rmse"])) and (quick or metrics["test_rmse"] < naive)
