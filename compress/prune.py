@@ -368,7 +368,7 @@ def _pruner(m: nn.Module, ratio: float, config: PruneConfig, example: torch.Tens
             pruning_ratio=ratio,
             global_pruning=config.global_pruning,
             max_pruning_ratio=config.max_channel_ratio,
-            ignored_layers=[_output_layer(m, example), *_loose_parameters(m)],
+            ignored_layers=[_output_layer(m, example), *_loose_parameters(m), *_time_factorization(m)],
             out_channel_groups=dict(gated),
         )
     return pruner, gated
@@ -405,6 +405,19 @@ def _pruned_copy(model: nn.Module, ratio: float, config: PruneConfig, example: t
             group.prune()
     _sync_widths(m)
     return m.eval()
+
+
+def _time_factorization(model: nn.Module) -> list[nn.Module]:
+    """The MLP student's shared temporal map (``temporal > 0``) stays whole.
+
+    Its outputs reach the first hidden layer through a transpose and a flatten (sensor-major),
+    an index mapping Torch-Pruning's dependency graph gets wrong (seen on FD001: it removed one
+    of the 8 temporal features — 14 flattened inputs — but only one input column of the next
+    layer, so the pruned model no longer ran). The hidden layers
+    after it are pruned as usual; the map itself is 30·k weights, too few to matter.
+    """
+    time = getattr(model, "time", None)
+    return [time] if isinstance(time, nn.Linear) else []
 
 
 def _output_layer(model: nn.Module, example: torch.Tensor) -> nn.Module:

@@ -157,6 +157,20 @@ def test_structured_prune_of_an_mlp(prepared: Prepared, tmp_path: Path) -> None:
     _assert_rebuilds_from_config(result.stage.torch_model, prepared)
 
 
+def test_structured_prune_of_a_time_factorized_mlp_keeps_the_temporal_map(prepared: Prepared, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    cfg_m = MLPConfig(num_nodes=prepared.spec.num_sensors, window=WINDOW, hidden=(48, 24), temporal=8)
+    mlp = build_model(cfg_m).eval()
+    result = run_pass(
+        Stage("tmlp", torch_model=mlp), PruneConfig(ratio=0.3, finetune_epochs=0), _ctx(prepared, mlp, tmp_path)
+    )
+    pruned = result.stage.torch_model
+    assert pruned.time.out_features == 8 and pruned.body[1].in_features == 8 * prepared.spec.num_sensors
+    assert pruned.body[1].out_features < 48
+    pruned(torch.from_numpy(prepared.val.x[:4]))  # still runs
+    _assert_rebuilds_from_config(pruned, prepared)
+
+
 def test_unstructured_sparsity_is_exact(prepared: Prepared, teacher: nn.Module, tmp_path: Path) -> None:
     cfg = PruneConfig(mode=PruneMode.UNSTRUCTURED, ratio=0.7, steps=2, finetune_epochs=1)
     result = run_pass(Stage("teacher", torch_model=teacher), cfg, _ctx(prepared, teacher, tmp_path))
