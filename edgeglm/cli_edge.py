@@ -177,6 +177,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    import contextlib
     import logging
     import sys
 
@@ -195,17 +196,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     agent = Agent(config, out=sys.stdout)
     install_signal_handlers(agent)
     stats = agent.run(drain=args.drain, drain_timeout_s=args.drain_timeout)
-    print(
-        json.dumps(
-            {
-                "node": config.node,
-                **stats.to_dict(),
-                "acked_seq": agent.outbox.acked_seq,
-                "last_seq": agent.outbox.last_seq,
-            }
-        ),
-        file=sys.stderr,
-    )
+    rss_mb = None
+    with contextlib.suppress(OSError, StopIteration), open("/proc/self/status") as f:  # peak RSS (Linux)
+        rss_mb = next(int(x.split()[1]) for x in f if x.startswith("VmHWM:")) / 1024
+    summary = {
+        "node": config.node,
+        **stats.to_dict(),
+        "acked_seq": agent.outbox.acked_seq,
+        "last_seq": agent.outbox.last_seq,
+        "rss_mb": rss_mb,
+    }
+    print(json.dumps(summary), file=sys.stderr)
     return 0
 
 
