@@ -11,10 +11,11 @@ from edgeglm.compress.recipe import DEFAULT_RECIPE, load_recipe, parse_recipe
 from edgeglm.errors import ConfigError
 
 
-def test_default_recipe_is_distill_prune_fuse_quantize() -> None:
+def test_default_recipe_is_distill_fuse_quantize_with_a_time_factorized_student() -> None:
     recipe = load_recipe()
     assert recipe.source == DEFAULT_RECIPE
-    assert [p.kind for p in recipe.passes] == ["distill", "prune", "fuse", "quantize"]
+    assert [p.kind for p in recipe.passes] == ["distill", "fuse", "quantize"]
+    assert recipe.passes[0].temporal == 8 and recipe.passes[0].hidden == (48, 24)
     assert {"prune", "distill", "export", "fuse", "quantize"} <= set(known_kinds())
 
 
