@@ -4,13 +4,16 @@
   LiteRT, TensorRT), with the golden-input health check;
 - :class:`Predictor` turns sensor rows into RUL predictions and alarms, handling bad rows by policy;
 - :class:`SlotStore` installs bundles into A/B slots through a persisted state machine
-  (shared by ``edgeglm flash`` and over-the-air updates).
+  (shared by ``edgeglm flash`` and over-the-air updates);
+- :class:`Outbox` is the durable store-and-forward queue the agent syncs through
+  (:mod:`edgeglm.runtime.agent`, :mod:`edgeglm.runtime.cloud` on the other side).
 """
 
 from __future__ import annotations
 
 from edgeglm.runtime.alarms import Alarm, AlarmCleared, AlarmConfig, AlarmRaised
 from edgeglm.runtime.engine import Engine, HealthReport
+from edgeglm.runtime.outbox import GapReason, Outbox, OutboxConfig, OutboxStats
 from edgeglm.runtime.predictor import (
     Action,
     BadKind,
@@ -37,8 +40,12 @@ __all__ = [
     "Counters",
     "Engine",
     "Event",
+    "GapReason",
     "HealthReport",
     "InstallResult",
+    "Outbox",
+    "OutboxConfig",
+    "OutboxStats",
     "Prediction",
     "Predictor",
     "Row",

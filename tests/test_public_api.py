@@ -24,6 +24,9 @@ PACKAGES = [
     "edgeglm.devices",
     "edgeglm.runtime",
     "edgeglm.runtime.backends",
+    "edgeglm.runtime.cloud",
+    "edgeglm.protocol",
+    "edgeglm.hashing",
 ]
 
 
