@@ -91,10 +91,13 @@ class FakeCloud:
         self.client.disconnect()
 
 
-def test_store_and_forward_through_a_real_broker(device, line_file, mosquitto):
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+def test_store_and_forward_through_a_real_broker(device, line_file, mosquitto, protocol):
     cloud = FakeCloud(mosquitto.port)
     try:
-        cfg = load_agent_config(text=_config(device, line_file, mosquitto.port, records_per_publish=8, inflight=4))
+        cfg = load_agent_config(
+            text=_config(device, line_file, mosquitto.port, records_per_publish=8, inflight=4, protocol=protocol)
+        )
         agent = Agent(cfg)
         stats = agent.run(drain=True, drain_timeout_s=30)
     finally:
