@@ -42,7 +42,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _rows(data: str | None, limit: int) -> tuple[list[dict], str]:
+def _rows(data: str | None, limit: int, keep: set[str]) -> tuple[list[dict], str]:
     from edgeglm.runtime.sources import replay_file
 
     if data and (Path(data) / "test_FD001.txt").is_file():
@@ -56,7 +56,7 @@ def _rows(data: str | None, limit: int) -> tuple[list[dict], str]:
         cols = ["unit", "cycle", *ds.test.setting_names, *ds.test.sensor_names]
         (tmp.parent / "columns.json").write_text(json.dumps({"columns": cols}))
         path = tmp
-    rows = list(replay_file(path))
+    rows = list(replay_file(path, keep=keep))
     return rows[:limit] if limit else rows, str(path)
 
 
@@ -134,7 +134,8 @@ def main() -> int:
     if installed.state.value != "committed":
         print(f"install failed: {installed.reason}", file=sys.stderr)
         return 1
-    rows, source = _rows(args.data, args.rows)
+    spec = Bundle.open(bundle).manifest.window_spec
+    rows, source = _rows(args.data, args.rows, {*spec["sensor_names"], *spec["setting_names"]})
     print(f"bundle {bundle} ({bundle.stat().st_size / 1024:.1f} KiB); rows {len(rows)} from {source}")
 
     eng = Engine.open(bundle, public_key=pubkey, threads=1)

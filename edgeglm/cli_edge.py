@@ -141,7 +141,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
         units = {int(u) for u in args.units.split(",")} if args.units else None
         columns = tuple(c.strip() for c in args.columns.split(",")) if args.columns else None
-        rows = replay_file(args.replay, rate=args.rate, columns=columns, units=units)
+        spec = engine.manifest.window_spec
+        keep = {*spec["sensor_names"], *spec["setting_names"]}  # the file's unused columns are not bad rows
+        rows = replay_file(args.replay, rate=args.rate, columns=columns, units=units, keep=keep)
         batch = args.batch if args.rate <= 0 else 1
     elif args.stdin:
         from edgeglm.runtime.sources import stdin_rows

@@ -5,15 +5,15 @@
 - :class:`Predictor` turns sensor rows into RUL predictions and alarms, handling bad rows by policy;
 - :class:`SlotStore` installs bundles into A/B slots through a persisted state machine
   (shared by ``edgeglm flash`` and over-the-air updates);
-- :class:`Outbox` is the durable store-and-forward queue the agent syncs through
-  (:mod:`edgeglm.runtime.agent`, :mod:`edgeglm.runtime.cloud` on the other side).
+- :mod:`edgeglm.runtime.outbox`, :mod:`edgeglm.runtime.agent` and :mod:`edgeglm.runtime.cloud`
+  are the sync side; they are not imported here, so a process that only predicts does not
+  load SQLite's and OpenSSL's libraries (every MB counts on a gateway).
 """
 
 from __future__ import annotations
 
 from edgeglm.runtime.alarms import Alarm, AlarmCleared, AlarmConfig, AlarmRaised
 from edgeglm.runtime.engine import Engine, HealthReport
-from edgeglm.runtime.outbox import GapReason, Outbox, OutboxConfig, OutboxStats
 from edgeglm.runtime.predictor import (
     Action,
     BadKind,
@@ -40,12 +40,8 @@ __all__ = [
     "Counters",
     "Engine",
     "Event",
-    "GapReason",
     "HealthReport",
     "InstallResult",
-    "Outbox",
-    "OutboxConfig",
-    "OutboxStats",
     "Prediction",
     "Predictor",
     "Row",

@@ -205,9 +205,11 @@ class Agent:
 
         src = self.config.source
         if src.kind == "replay":
+            spec = self.engine.manifest.window_spec
+            keep = {*spec["sensor_names"], *spec["setting_names"]}  # the file's unused columns are not bad rows
             while True:
                 yield from replay_file(
-                    src.path, rate=src.rate, columns=src.columns or None, units=set(src.units) or None
+                    src.path, rate=src.rate, columns=src.columns or None, units=set(src.units) or None, keep=keep
                 )
                 if not src.loop:
                     return

@@ -94,9 +94,22 @@ def _number(text: str) -> Any:
 
 
 def replay_file(
-    path: Path | str, *, rate: float = 0.0, columns: tuple[str, ...] | None = None, units: set[int] | None = None
+    path: Path | str,
+    *,
+    rate: float = 0.0,
+    columns: tuple[str, ...] | None = None,
+    units: set[int] | None = None,
+    keep: set[str] | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Rows of a C-MAPSS-style text file or a CSV file with a header (see module doc)."""
+    """Rows of a C-MAPSS-style text file or a CSV file with a header (see module doc).
+
+    ``keep``: only these columns (plus ``stream`` and ``t``). A file's schema is fixed, so
+    columns the model does not read (C-MAPSS's constant sensors s1, s5, …) are dropped here
+    rather than counted as unknown sensors on every row; live sources keep every key, where
+    an unexpected one is worth counting.
+    """
+    if keep is not None:
+        keep = set(keep) | {"stream", "t"}
     path = Path(path)
     try:
         fh: IO[str] = open(path, newline="")  # noqa: SIM115 - closed by the generator below
@@ -112,6 +125,8 @@ def replay_file(
                 reader = csv.DictReader(io.StringIO(first + fh.read()))
                 for rec in reader:
                     row = _normalize_keys({k.strip(): _number(v.strip()) for k, v in rec.items() if k})
+                    if keep is not None:
+                        row = {k: v for k, v in row.items() if k in keep}
                     if units is None or row.get("stream") in units:
                         yield row
                 return
@@ -124,6 +139,8 @@ def replay_file(
                     # a damaged line is a bad row, not a dead replay: pass what there is
                     parts = (parts + ["nan"] * len(names))[: len(names)]
                 row = _normalize_keys({n: _number(p) for n, p in zip(names, parts, strict=True)})
+                if keep is not None:
+                    row = {k: v for k, v in row.items() if k in keep}
                 if units is None or row.get("stream") in units:
                     yield row
 

@@ -207,3 +207,12 @@ def test_mqtt_sensor_topic_json_and_cbor(bundle_file, keys, line_files, mosquitt
 def test_stdin_rows_accepts_lists_and_aliases():
     rows = list(stdin_rows(io.StringIO('[{"unit": 3, "cycle": 1, "s1": 2}]\n\n{"machine": "m", "time": 2}\n')))
     assert rows == [{"stream": 3, "t": 1, "s1": 2}, {"stream": "m", "t": 2}]
+
+
+def test_replay_keeps_only_the_model_columns_so_unused_ones_are_not_bad_rows(tmp_path):
+    path = tmp_path / "train_FD001.txt"
+    path.write_text("1 1 0.1 0.2 100 " + " ".join(str(i) for i in range(1, 22)) + "\n")
+    (row,) = replay_file(path, keep={"s2", "setting1"})
+    assert row == {"stream": 1, "t": 1, "setting1": 0.1, "s2": 2}
+    (full,) = replay_file(path)
+    assert len(full) == 26 and full["s21"] == 21
