@@ -17,6 +17,8 @@ Runs a real Mosquitto on 127.0.0.1 (persistence on) and the cloud daemon (SQLite
 3. **drain**: ``--backlog`` records written into a node's outbox while it is offline, then an
    agent with nothing new to say connects and drains them into the cloud store. Records/s.
 
+``edge_ratio`` isolates the outbox: the same records appended durably (batches of 64,
+``synchronous=FULL``), enveloped and published QoS 1 with every PUBACK awaited, vs the bare loop.
 Plus bytes on the wire per prediction and the agent process's peak RSS (VmHWM). ``lost`` =
 records produced minus records in the cloud store (gap-covered ones would count as covered;
 no bound is hit here). Last line: one JSON object (``ratio, records_per_s, drain_per_s,
@@ -151,9 +153,23 @@ def main() -> int:
         for info in infos:
             info.wait_for_publish(60)
         baseline_s = time.perf_counter() - t0
+        baseline_per_s = len(recs) / baseline_s
+
+        # 2b. the edge's publish path alone: the same records appended durably to an outbox in
+        #     batches of 64 (synchronous=FULL), enveloped from what was stored, published QoS 1,
+        #     every PUBACK awaited — what the outbox costs on top of the bare loop
+        with Outbox(work / "edge-only.db", node="press-09") as ob:
+            t0 = time.perf_counter()
+            infos = []
+            for i in range(0, len(recs), 64):
+                written = ob.append_many([(r.kind, r.body) for r in recs[i : i + 64]])
+                infos.append(c.publish("bench/outbox", ob.envelope(written).to_bytes(), qos=1))
+            for info in infos:
+                info.wait_for_publish(60)
+            edge_s = time.perf_counter() - t0
         c.loop_stop()
         c.disconnect()
-        baseline_per_s = len(recs) / baseline_s
+        edge_per_s = len(recs) / edge_s
 
         # 3. drain of an offline backlog
         node2 = "press-08"
@@ -188,6 +204,10 @@ def main() -> int:
         f"durable outbox, cloud-acked); bare paho QoS1: {baseline_per_s:,.0f}/s; "
         f"ratio {records_per_s / baseline_per_s:.2f}"
     )
+    print(
+        f"edge publish path alone (durable outbox append + envelope + QoS 1 PUBACK): {edge_per_s:,.0f}/s; "
+        f"ratio to the bare loop {edge_per_s / baseline_per_s:.2f}"
+    )
     print(f"drain: {drained} backlog records in {drain_s:.2f} s = {drain_per_s:,.0f}/s")
     print(f"wire: {bytes_per_prediction:.1f} B/prediction; agent peak RSS {agent_stats['rss_mb']:.1f} MB; lost {lost}")
     figures = {
@@ -196,6 +216,8 @@ def main() -> int:
         "records_per_s": round(records_per_s, 1),
         "baseline_per_s": round(baseline_per_s, 1),
         "ratio": round(records_per_s / baseline_per_s, 3),
+        "edge_publish_per_s": round(edge_per_s, 1),
+        "edge_ratio": round(edge_per_s / baseline_per_s, 3),
         "drain_per_s": round(drain_per_s, 1),
         "backlog": args.backlog,
         "bytes_per_prediction": round(bytes_per_prediction, 1),
