@@ -1009,15 +1009,10 @@ def load_fleet(
         remote_edgeglm = "/usr/local/bin/edgeglm"   # optional
         name = "press-07"               # optional label for the summary
     """
-    import tomllib
+    from edgeglm.tomlfile import read_toml
 
     path = Path(path)
-    try:
-        doc = tomllib.loads(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"cannot read the fleet file {path}: {exc.strerror}", hint="pass --fleet FILE") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path} is not valid TOML: {exc}", hint="fix the fleet file") from exc
+    doc = read_toml(path, what="fleet file", hint="pass --fleet FILE")
     if doc.get("schema_version") != FLEET_SCHEMA_VERSION:
         raise ConfigError(
             f"{path}: fleet schema_version {doc.get('schema_version')!r}, this EdgeGLM reads {FLEET_SCHEMA_VERSION}",

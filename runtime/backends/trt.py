@@ -27,11 +27,6 @@ from edgeglm.errors import BackendError, BackendUnavailable, ConfigError
 
 __all__ = ["TensorRTBackend", "TrtSettings", "engine_cache_key", "read_trt_settings"]
 
-try:  # Python 3.11+
-    import tomllib
-except ModuleNotFoundError:  # pragma: no cover
-    import tomli as tomllib  # type: ignore[no-redef]
-
 
 @dataclass(frozen=True)
 class TrtSettings:
@@ -56,7 +51,9 @@ class TrtSettings:
 
 
 def read_trt_settings(path: Path) -> TrtSettings:
-    data = tomllib.loads(Path(path).read_text())
+    from edgeglm.tomlfile import read_toml
+
+    data = read_toml(path, what="TensorRT settings", hint="rebuild the bundle: trt.toml comes with it")
     data.pop("schema_version", None)
     valid = set(TrtSettings.__dataclass_fields__)
     unknown = sorted(set(data) - valid)

@@ -218,18 +218,10 @@ def load_fleet(path: Path | str) -> FleetSpec:
     Raises:
         ConfigError: missing file, bad TOML, unknown key, invalid or duplicate name, bad port.
     """
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
+    from edgeglm.tomlfile import read_toml
 
     path = Path(path)
-    try:
-        doc = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"no fleet file at {path}", hint='write [[node]] name = "press-07" per node') from None
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"cannot read the fleet file {path}: {exc}", hint="fix the TOML") from exc
+    doc = read_toml(path, what="fleet file", hint='write [[node]] name = "press-07" per node')
     base = path.resolve().parent
     _known(doc, {"schema_version", "broker", "listener", "cloud", "node"}, "")
 

@@ -303,18 +303,10 @@ def load_cloud_config(path: Path | str) -> CloudConfig:
         ConfigError: the file is missing or not TOML, a key is unknown, or a value is invalid
             (the message names the key).
     """
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
+    from edgeglm.tomlfile import read_toml
 
     path = Path(path)
-    try:
-        doc = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"no cloud config at {path}", hint="write one (see 'edgeglm cloud run --help')") from None
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"cannot read the cloud config {path}: {exc}", hint="fix the TOML") from exc
+    doc = read_toml(path, what="cloud config", hint="write one (see 'edgeglm cloud run --help')")
     base = path.resolve().parent
 
     def rel(p: Any, key: str) -> Path:

@@ -15,7 +15,6 @@ from edgeglm.errors import ConfigError
 from edgeglm.protocol import Ack, Envelope, Kind, Topics
 from edgeglm.runtime.agent import Agent
 from edgeglm.runtime.agent_config import load_agent_config
-from edgeglm.runtime.slots import SlotStore
 
 
 @pytest.fixture(scope="module")
@@ -26,14 +25,6 @@ def line_file(tmp_path_factory) -> Path:
     cols = ["unit", "cycle", *ds.test.setting_names, *ds.test.sensor_names]
     (out / "columns.json").write_text(json.dumps({"columns": cols}))
     return out / "line.txt"
-
-
-@pytest.fixture
-def device(runtime_fixtures, tmp_path) -> Path:
-    store = SlotStore(tmp_path / "root")
-    store.provision(profile=runtime_fixtures.profile, trusted_key=runtime_fixtures.public_key.read_bytes())
-    assert store.install(runtime_fixtures.bundles["1"]).changed
-    return store.root
 
 
 def _config(root: Path, line: Path, port: int, **sync: object) -> str:

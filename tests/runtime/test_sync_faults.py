@@ -24,7 +24,6 @@ from edgeglm.runtime.agent import Agent
 from edgeglm.runtime.agent_config import load_agent_config
 from edgeglm.runtime.cloud.daemon import BrokerConfig, CloudConfig, CloudDaemon, StoreConfig
 from edgeglm.runtime.outbox import Outbox
-from edgeglm.runtime.slots import SlotStore
 
 NODE = "press-07"
 EDGEGLM = Path(sys.executable).with_name("edgeglm")
@@ -39,14 +38,6 @@ def big_line(tmp_path_factory) -> Path:
     cols = ["unit", "cycle", *ds.test.setting_names, *ds.test.sensor_names]
     (out / "columns.json").write_text(json.dumps({"columns": cols}))
     return out / "line.txt"
-
-
-@pytest.fixture
-def device(runtime_fixtures, tmp_path) -> Path:
-    store = SlotStore(tmp_path / "root")
-    store.provision(profile=runtime_fixtures.profile, trusted_key=runtime_fixtures.public_key.read_bytes())
-    store.install(runtime_fixtures.bundles["1"])
-    return store.root
 
 
 def _edge_toml(root: Path, line: Path, port: int, *, rate: float, **sync: object) -> str:
