@@ -55,7 +55,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
-from edgeglm.bundle import BUNDLE_SUFFIXES, Bundle
+from edgeglm.bundle import BUNDLE_SUFFIXES, Bundle, normalize_arch
 from edgeglm.errors import BundleError, ConfigError, FlashError
 
 try:  # the compress extra installs asyncssh; say so when it is missing
@@ -96,7 +96,6 @@ _RUNTIME_HINT = (
     "install the runtime on the device (pip install 'edgeglm[runtime]'), or pass --remote-edgeglm "
     "with the absolute path of its edgeglm command (an SSH session's PATH is minimal)"
 )
-_ARCH_ALIASES = {"arm64": "aarch64", "amd64": "x86_64"}
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 # Device states after which nothing is in flight (see edgeglm.runtime.slots).
 _SETTLED = frozenset({"idle", "committed", "failed", "rolled_back"})
@@ -522,10 +521,6 @@ def _json(text: str) -> dict[str, Any] | None:
     return None
 
 
-def _norm_arch(arch: str) -> str:
-    return _ARCH_ALIASES.get(arch.lower(), arch.lower())
-
-
 def _size(n: float) -> str:
     if n < 1024:
         return f"{n:.0f} B"
@@ -680,7 +675,7 @@ class _Flash:
                     f"{self.root} on the device is not provisioned, and no key to trust was given",
                     hint="pass --pubkey KEY.pub (the public key of the bundle's signing key) on a device's first flash",
                 )
-        if _norm_arch(m.arch) != _norm_arch(arch):
+        if normalize_arch(m.arch) != normalize_arch(arch):
             raise FlashError(
                 f"bundle built for {m.arch} ({m.profile}), the device is {arch}",
                 hint="build the bundle for this device's profile (see 'edgeglm devices')",

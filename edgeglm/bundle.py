@@ -52,6 +52,7 @@ __all__ = [
     "canonical_json",
     "decode_array",
     "encode_array",
+    "normalize_arch",
     "sha256_hex",
 ]
 
@@ -365,7 +366,7 @@ class Bundle:
                 )
             checks.append(("device", device))
         if arch is not None:
-            if _norm_arch(self.manifest.arch) != _norm_arch(arch):
+            if normalize_arch(self.manifest.arch) != normalize_arch(arch):
                 raise DeviceMismatch(
                     f"bundle is for {self.manifest.arch}, this device is {arch}",
                     hint="build the bundle for this device's profile (see 'edgeglm devices')",
@@ -428,7 +429,8 @@ class Bundle:
 _REBUILD = "do not install this bundle; copy it again or rebuild it with 'edgeglm build'"
 
 
-def _norm_arch(arch: str) -> str:
+def normalize_arch(arch: str) -> str:
+    """The kernel's name for a CPU architecture (``uname -m``): ``arm64`` → ``aarch64``, ``amd64`` → ``x86_64``."""
     return {"arm64": "aarch64", "amd64": "x86_64"}.get(arch.lower(), arch.lower())
 
 

@@ -98,23 +98,26 @@ class Engine:
             if public_key is None:
                 raise ConfigError("a trusted public key is needed to open a bundle", hint="pass --pubkey KEY.pub")
             report = bundle.verify(public_key, device=device, arch=platform.machine() if arch == "auto" else arch)
-        name = select_backend(bundle.manifest.backends, requested=backend)
         cleanup = None
         if path.is_dir():
             model_dir = path
         else:
             model_dir = cleanup = Path(tempfile.mkdtemp(prefix="edgeglm-bundle-"))
             bundle.extract(model_dir)
-        n_threads = threads or int(bundle.manifest.data["device"].get("threads", 1))
         try:
-            be = create_backend(
-                name, model_dir, bundle.manifest.model_file(name), threads=n_threads, options=backend_options
+            return cls._load(
+                bundle,
+                model_dir,
+                backend=backend,
+                threads=threads,
+                backend_options=backend_options,
+                report=report,
+                cleanup=cleanup,
             )
         except BaseException:
             if cleanup:
                 shutil.rmtree(cleanup, ignore_errors=True)
             raise
-        return cls(bundle, be, model_dir, report=report, threads=n_threads, cleanup=cleanup)
 
     @classmethod
     def open_installed(
@@ -134,13 +137,35 @@ class Engine:
 
         store = SlotStore(root)
         bundle = store.open_current()
+        return cls._load(
+            bundle,
+            store.slots / str(store.current_slot()),
+            backend=backend,
+            threads=threads,
+            backend_options=backend_options,
+            report=None,
+            cleanup=None,
+        )
+
+    @classmethod
+    def _load(
+        cls,
+        bundle: Bundle,
+        model_dir: Path,
+        *,
+        backend: str | None,
+        threads: int | None,
+        backend_options: dict | None,
+        report: VerifyReport | None,
+        cleanup: Path | None,
+    ) -> Engine:
+        """Pick the backend (``backend`` or the first of the bundle's installed here) and load its model file."""
         name = select_backend(bundle.manifest.backends, requested=backend)
-        model_dir = store.slots / str(store.current_slot())
         n_threads = threads or int(bundle.manifest.data["device"].get("threads", 1))
         be = create_backend(
             name, model_dir, bundle.manifest.model_file(name), threads=n_threads, options=backend_options
         )
-        return cls(bundle, be, model_dir, report=None, threads=n_threads)
+        return cls(bundle, be, model_dir, report=report, threads=n_threads, cleanup=cleanup)
 
     def infer(self, windows: np.ndarray) -> np.ndarray:
         """RUL for a batch of normalized windows ``(n, time, sensors)`` → ``(n,)`` float32."""

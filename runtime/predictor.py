@@ -65,7 +65,7 @@ import numpy as np
 
 from edgeglm.data.table import SensorTable
 from edgeglm.errors import BackendError, ConfigError, DataError
-from edgeglm.runtime.alarms import Alarm, AlarmCleared, AlarmConfig, AlarmRaised
+from edgeglm.runtime.alarms import Alarm, AlarmCleared, AlarmConfig, AlarmRaised, _json_float
 from edgeglm.windowing import WindowSpec
 
 __all__ = [
@@ -284,10 +284,6 @@ class Row:
         itself, which skips this copy.)
         """
         return cls(d.get("stream"), d.get("t"), {k: v for k, v in d.items() if k not in _RESERVED})  # type: ignore[arg-type]
-
-
-def _json_float(x: float) -> float | None:
-    return x if math.isfinite(x) else None
 
 
 @dataclass(frozen=True)

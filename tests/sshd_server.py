@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from brokers import free_port
+
 __all__ = ["SSHD", "SSH_KEYGEN", "SshServer", "SshdError", "start_sshd"]
 
 SSHD = Path("/usr/sbin/sshd")
@@ -40,12 +42,6 @@ class SshServer:
         self.proc = None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def keygen(path: Path) -> None:
     subprocess.run([str(SSH_KEYGEN), "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
 
@@ -63,7 +59,7 @@ def start_sshd(folder: Path) -> SshServer:
     keygen(folder / "host_key")
     keygen(folder / "user_key")
     (folder / "authorized_keys").write_text((folder / "user_key.pub").read_text())
-    port = _free_port()
+    port = free_port()
     config = folder / "sshd_config"
     config.write_text(
         f"Port {port}\nListenAddress 127.0.0.1\nHostKey {folder / 'host_key'}\n"
